@@ -1,0 +1,19 @@
+"""vggnet: the VGG networks of Simonyan & Zisserman (ICLR 2015) in PyTorch.
+
+    >>> import vggnet
+    >>> model = vggnet.vgg("D", batch_norm=True)      # = torchvision's vgg16_bn, layer for layer
+    >>> dense = model.to_fully_conv()                 # section 3.2's fully-convolutional form
+"""
+
+from .configs import CONFIGS, MODELS
+from .model import (
+    VGG, VGGFullyConv, WarmStartReport, get_model, list_models, vgg, vgg11, vgg11_bn, vgg13, vgg13_bn,
+    vgg16, vgg16_bn, vgg19, vgg19_bn, warm_start,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONFIGS", "MODELS", "VGG", "VGGFullyConv", "WarmStartReport", "get_model", "list_models", "vgg",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "warm_start",
+]

@@ -1,0 +1,156 @@
+"""Checkpoints that survive faults and never run pickled code.
+
+A vggnet checkpoint is one `torch.save` file holding only tensors, numbers, strings, lists and
+dicts, so it loads with `weights_only=True`:
+
+    {"format": "vggnet", "version": 1,
+     "model_args": {...VGG constructor arguments...},   # rebuilds the exact net (nanoGPT's habit)
+     "state_dict": {...}, "meta": {...},                  # meta: classes, mean/std, image size, ...
+     "optimizer": ..., "scheduler": ..., "train_state": ...}   # only in training checkpoints
+
+Writes are atomic (temporary file in the same directory, fsync, rename, fsync of the directory):
+a kill or a full disk leaves the previous file intact. torchvision's ImageNet files (a bare
+state dict such as vgg16-397923af.pth) load too; their configuration is recognised from their keys.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .configs import CONFIGS
+from .errors import UserError
+from .model import HEADS, VGG, vgg
+
+__all__ = ["atomic_save", "load_checkpoint", "save_checkpoint", "load_model", "infer_model_args",
+           "check_state_dict", "FORMAT"]
+
+FORMAT = "vggnet"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` to `path` so that readers only ever see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: VGG, *, meta: Mapping[str, Any] | None = None,
+                    **extra: Any) -> Path:
+    """Atomically write `model` (constructor arguments + weights), `meta` and `extra` entries."""
+    module = getattr(model, "module", model)  # DistributedDataParallel / compiled wrappers
+    module = getattr(module, "_orig_mod", module)
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    payload = {"format": FORMAT, "version": 1, "model_args": dict(module.constructor_args),
+               "state_dict": state, "meta": dict(meta or {}), **extra}
+    return atomic_save(payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file with weights-only unpickling; pickled code is refused, never executed."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt", path / "best.pt"):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise UserError(f"no checkpoint in directory {path} (expected checkpoints/best.pt or checkpoints/last.pt)")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing {path}: it holds pickled objects other than tensors and plain data, "
+                        f"which vggnet never executes ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: not a complete torch file ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        return dict(obj)
+    if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
+        # A bare state dict, e.g. torchvision's vgg16-397923af.pth.
+        return {"format": "state_dict", "version": 1, "model_args": infer_model_args(obj),
+                "state_dict": dict(obj), "meta": {}}
+    raise UserError(f"{path} is neither a vggnet checkpoint nor a VGG state dict")
+
+
+def _shapes(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def infer_model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Recognise which VGG a bare state dict belongs to (config, BN, head, classes, input channels)."""
+    last = [k for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")]
+    first = state_dict.get("features.0.weight")
+    if not last or first is None:
+        raise UserError("state dict has no features.0.weight / classifier.*.weight: not a VGG checkpoint")
+    last_key = max(last, key=lambda k: int(k.split(".")[1]))
+    num_classes, in_channels = state_dict[last_key].shape[0], first.shape[1]
+    wanted = _shapes(state_dict)
+    for config in CONFIGS:
+        for batch_norm in (False, True):
+            for head in HEADS:
+                args = dict(config=config, batch_norm=batch_norm, num_classes=num_classes,
+                            in_channels=in_channels, head=head)
+                with torch.device("meta"):
+                    candidate = vgg(**args)
+                if _shapes(candidate.state_dict()) == wanted:
+                    return dict(candidate.constructor_args)
+    raise UserError(f"state dict matches no VGG configuration ({len(wanted)} tensors, {num_classes} classes)")
+
+
+def check_state_dict(model: VGG, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise UserError naming the keys or shapes that differ between `model` and `state_dict`."""
+    have, want = _shapes(state_dict), _shapes(model.state_dict())
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    differ = [f"{k} {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+    if differ:
+        problems.append(f"shapes differ (checkpoint vs model): {'; '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+    if problems:
+        args = model.constructor_args
+        raise UserError(f"{source} does not fit configuration {args['config']} "
+                        f"(batch_norm={args['batch_norm']}, {args['num_classes']} classes): " + "; ".join(problems))
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+               **overrides: Any) -> tuple[VGG, dict[str, Any]]:
+    """Rebuild the net a checkpoint describes and load its weights; returns (model in eval mode, meta).
+
+    `overrides` (e.g. config="D") are checked against the checkpoint: a mismatch is a UserError
+    naming the differing keys or shapes.
+    """
+    ckpt = load_checkpoint(path, map_location)
+    args = {**ckpt["model_args"], **overrides}
+    model = vgg(args.pop("config"), **args)
+    check_state_dict(model, ckpt["state_dict"], source=str(path))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), dict(ckpt.get("meta", {}))

@@ -1,0 +1,98 @@
+"""Where and how fast to run: device, precision and memory format, chosen once and logged.
+
+`--precision auto` means: bf16 autocast where the hardware multiplies bf16 matrices natively
+(CUDA with bf16 support; a CPU with AMX or AVX-512 BF16), fp16 autocast on older CUDA cards,
+fp32 everywhere else. On a CPU without bf16 units (AVX2 only) bf16 matmuls are emulated and
+run hundreds of times slower than fp32, so auto must not pick them there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+__all__ = ["PRECISIONS", "Runtime", "cpu_has_bf16_units", "resolve_device", "resolve_precision", "resolve_runtime"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_bf16_units() -> bool:
+    """True on CPUs with native bf16 matrix instructions (Intel AMX, AVX-512 BF16)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """"auto"/None: the CUDA device when there is one (the local rank's under torchrun), else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA device is available")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn "auto" into the fastest correct choice for `device`; refuse what the device cannot do."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+    if precision == "auto":
+        return "bf16" if cpu_has_bf16_units() else "fp32"
+    if precision == "fp16":
+        raise UserError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return precision
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved execution choices; `str()` is the line the commands log."""
+
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16
+    channels_last: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES.get(self.precision, torch.float32)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move `model` to the device and memory format (weights stay fp32: autocast casts per op)."""
+        return model.to(device=self.device, memory_format=self.memory_format)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.device, memory_format=self.memory_format, non_blocking=True)
+
+    def __str__(self) -> str:
+        fmt = "channels_last" if self.channels_last else "NCHW"
+        why = ""
+        if self.device.type == "cpu":
+            why = " (CPU has bf16 matrix units)" if cpu_has_bf16_units() else " (CPU lacks bf16 matrix units)"
+        return f"device {self.device}, precision {self.precision}{why}, memory format {fmt}"
+
+
+def resolve_runtime(device: str | None = "auto", precision: str = "auto", channels_last: bool = True) -> Runtime:
+    """Resolve `--device`, `--precision` and the memory format into a `Runtime`."""
+    dev = resolve_device(device)
+    return Runtime(dev, resolve_precision(precision, dev), channels_last)
