@@ -136,7 +136,7 @@ class VGG(nn.Module):
         self.in_channels, self.num_classes, self.min_size = in_channels, num_classes, MIN_INPUT_SIZE
         self.layers = parse_config(config)
         self.features, self.activation_index = _make_features(self.layers, in_channels, batch_norm)
-        self.avgpool = nn.AdaptiveAvgPool2d(_POOL_SIZE[head])
+        self.avgpool = nn.AdaptiveAvgPool2d((_POOL_SIZE[head], _POOL_SIZE[head]))
         self.classifier = _make_classifier(head, num_classes, dropout)
         # One entry per stage (timm's feature_info): channels and stride of the stage's output.
         self.feature_info = [
