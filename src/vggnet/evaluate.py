@@ -1,0 +1,454 @@
+"""The paper's test protocols (section 3.2, Tables 3-6): centre crop, dense, multi-crop, multi-scale, ensembles.
+
+Every protocol starts from the same thing: the image rescaled isotropically so that its smaller side
+is Q, the test scale. Then
+
+- `center`: one centre crop of the net's input size (torchvision's protocol, for comparison);
+- `dense`: the fully-convolutional net (FC layers as convolutions) on the whole rescaled image; the
+  class-score map is averaged over space, and the soft-max of the image and of its horizontal flip
+  are averaged (section 3.2);
+- `multicrop`: a 5x5 regular grid of crops x 2 flips = 50 crops per scale, soft-max averaged
+  (crops that coincide, when the rescaled image is barely larger than the crop, are run once);
+- `multicrop+dense`: the two averaged; the paper finds them complementary (Table 5).
+
+Multi-scale evaluation averages the posteriors over several Q; an ensemble averages them over
+several nets (section 4.3). One pass over the data computes every (net, protocol, Q) posterior once,
+times each, and combines them into the rows of a Table-5-shaped table with measured images/s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+from torchvision.transforms.v2 import functional as F
+
+from .checkpoint import load_model
+from .configs import MODELS, config_of
+from .errors import UserError
+from .imagenet import complete_meta
+from .model import VGG, VGGFullyConv
+from .runtime import Runtime, resolve_runtime
+
+__all__ = ["METHODS", "DEFAULT_METHODS", "GRID", "Net", "Row", "load_net", "net_from_model", "parse_methods",
+           "parse_scales", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
+           "format_table", "check_classes"]
+
+METHODS = ("center", "dense", "multicrop", "multicrop+dense")
+DEFAULT_METHODS = METHODS
+# Which single-protocol posteriors each method averages.
+_PARTS = {"center": ("center",), "dense": ("dense",), "multicrop": ("multicrop",),
+          "multicrop+dense": ("multicrop", "dense")}
+GRID = 5  # section 3.2: a 5x5 regular grid of crops per scale
+
+
+@dataclass(kw_only=True)
+class Net:
+    """A net ready for testing: the model, its completed meta (classes, mean/std, sizes) and a name."""
+
+    model: VGG
+    meta: dict[str, Any]
+    name: str
+    flip: bool = True  # test-time horizontal flips (section 3.2); off for data whose mirror is another thing
+    _dense: VGGFullyConv | None = field(default=None, repr=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["class_names"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def image_size(self) -> int:
+        """The crop size the net was trained on (224 for ImageNet, 32 for digits/CIFAR)."""
+        return int(self.meta["image_size"])
+
+    @property
+    def eval_scale(self) -> int:
+        return int(self.meta["eval_scale"])
+
+    @property
+    def train_scale(self) -> tuple[int, int]:
+        return tuple(self.meta["train_scale"])  # type: ignore[return-value]
+
+    @property
+    def dense_min_size(self) -> int:
+        """Smallest image side the dense form takes: 224 for the paper's 7x7-conv FC1, 32 for the compact head."""
+        return 224 if self.model.head == "paper" else 32
+
+    def dense(self) -> VGGFullyConv:
+        """The fully-convolutional form (built once, on the model's device and memory format)."""
+        if self._dense is None:
+            self._dense = self.model.to_fully_conv().eval()
+        return self._dense
+
+    def to(self, runtime: Runtime) -> Net:
+        """Move the model (and its dense form) to the runtime's device and memory format, in place."""
+        runtime.prepare(self.model)
+        if self._dense is not None:
+            runtime.prepare(self._dense)
+        return self
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """[0, 1] pixels -> the net's input: minus the training set's mean RGB (section 2.1), over the std."""
+        mean = torch.tensor(self.meta["mean"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.meta["std"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def _default_flip(meta: Mapping[str, Any]) -> bool:
+    """Flip at test time iff the net was trained with flips: the trainer's setting, else on except for
+    handwritten digits, which train without them (a mirrored 2 is no 2)."""
+    hflip = meta.get("hflip", (meta.get("train_config") or {}).get("hflip"))
+    return meta.get("name") != "digits" if hflip is None else bool(hflip)
+
+
+def net_from_model(model: VGG, meta: Mapping[str, Any] | None = None, *, name: str = "model",
+                   flip: bool | None = None) -> Net:
+    """Wrap an in-memory model (with its DataBundle.meta(), if any) for testing."""
+    full = complete_meta(meta or {}, model.constructor_args)
+    return Net(model=model.eval(), meta=full, name=name, flip=_default_flip(full) if flip is None else flip)
+
+
+def load_net(path: str | os.PathLike, *, config: str | None = None, num_classes: int | None = None,
+             flip: bool | None = None, map_location: str = "cpu") -> Net:
+    """Load a project checkpoint or a torchvision ImageNet file as a `Net`.
+
+    `config` ("D" or "vgg16_bn") and `num_classes` are claims about the checkpoint: if they do not
+    fit its tensors, the UserError names the keys or shapes that differ.
+    """
+    overrides: dict[str, Any] = {}
+    if config is not None:
+        try:
+            overrides["config"], batch_norm = config_of(config)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if config in MODELS:  # a model name says whether it has BN; a bare letter does not
+            overrides["batch_norm"] = batch_norm
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    model, meta = load_model(path, map_location=map_location, **overrides)
+    full = complete_meta(meta, model.constructor_args)
+    return Net(model=model, meta=full, name=_short_name(path), flip=_default_flip(full) if flip is None else flip)
+
+
+def _short_name(path: str | os.PathLike) -> str:
+    path = os.fspath(path).rstrip("/")
+    base = os.path.basename(path)
+    if base in ("best.pt", "last.pt"):  # run_dir/checkpoints/best.pt -> run_dir/best.pt
+        parent = os.path.dirname(os.path.dirname(path)) if os.path.basename(os.path.dirname(path)) == "checkpoints" \
+            else os.path.dirname(path)
+        return f"{os.path.basename(parent) or parent}/{base}"
+    return base
+
+
+def parse_methods(text: str | Sequence[str] | None) -> list[str]:
+    """"center,dense" -> ["center", "dense"]; None -> the default four."""
+    if text is None:
+        return list(DEFAULT_METHODS)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    methods = [m.strip() for m in items if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; expected some of {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def default_scales(net: Net) -> tuple[int, ...]:
+    """The single test scale Q a net is evaluated at by default: its meta's eval_scale."""
+    return (net.eval_scale,)
+
+
+def training_scales(net: Net) -> tuple[int, ...]:
+    """The paper's multi-scale test set for a net's training scale (section 4.2).
+
+    Fixed S: Q in {S-32, S, S+32}; for small-image nets (S < 256) the step is S/8, which is 32 at
+    S = 256. Jittered S in [S_min, S_max]: Q in {S_min, (S_min+S_max)/2, S_max}. Scales smaller
+    than the net's crop are dropped.
+    """
+    s_min, s_max = net.train_scale
+    if s_min == s_max:
+        step = 32 if s_min >= 256 else max(1, s_min // 8)
+        qs = (s_min - step, s_min, s_min + step)
+    else:
+        qs = (s_min, (s_min + s_max) // 2, s_max)
+    return tuple(q for q in qs if q >= net.image_size)
+
+
+def parse_scales(text: str | None, net: Net) -> tuple[int, ...]:
+    """"256,384,512" -> (256, 384, 512); "train" -> `training_scales(net)`; None -> `default_scales(net)`."""
+    if text is None or text.strip() in ("", "default"):
+        return default_scales(net)
+    if text.strip() == "train":
+        return training_scales(net)
+    try:
+        qs = tuple(int(q) for q in text.split(",") if q.strip())
+    except ValueError:
+        raise UserError(f"--scales expects comma-separated integers (e.g. 256,384,512) or 'train', got {text!r}") from None
+    if not qs or any(q < 1 for q in qs):
+        raise UserError(f"--scales expects positive integers, got {text!r}")
+    return tuple(dict.fromkeys(qs))
+
+
+def rescale(x: Tensor, q: int) -> Tensor:
+    """Isotropic rescale of (N, 3, H, W) so the smaller side is Q (section 3.2), antialiased bilinear."""
+    if min(x.shape[-2:]) == q:
+        return x
+    return F.resize(x, [q], antialias=True)
+
+
+def _grid(length: int, size: int, n: int = GRID) -> list[tuple[int, int]]:
+    """Offsets of n evenly spaced `size` windows along `length` (first at 0, last flush with the end),
+    as (offset, how many of the n windows start there): when the image is barely larger than the
+    crop several windows coincide, and each distinct crop is then evaluated once and weighted."""
+    offsets = [round(i * (length - size) / (n - 1)) for i in range(n)]
+    return sorted(Counter(offsets).items())
+
+
+def _logits(model: torch.nn.Module, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+    """Forward `x` in chunks of `batch_size`, in the runtime's precision and memory format; fp32 out."""
+    outs = []
+    for chunk in x.split(batch_size):
+        with runtime.autocast():
+            outs.append(model(runtime.inputs(chunk)).float())
+    return torch.cat(outs)
+
+
+def _center(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+    crop = F.center_crop(x, [net.image_size, net.image_size])
+    return nnf.softmax(_logits(net.model, net.normalise(crop), runtime, batch_size), dim=1)
+
+
+def _dense(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+    x = net.normalise(x)
+    views = torch.stack([x, x.flip(-1)], dim=1) if net.flip else x.unsqueeze(1)  # (N, V, 3, H, W)
+    n, v = views.shape[:2]
+    per = max(1, batch_size // v)
+    scores = []
+    for chunk in views.split(per):
+        score_map = _logits(net.dense(), chunk.flatten(0, 1), runtime, batch_size)  # (n*V, classes, h, w)
+        scores.append(score_map.mean(dim=(2, 3)))  # class-score map averaged over space (sum-pooling)
+    probs = nnf.softmax(torch.cat(scores), dim=1).view(n, v, -1)
+    return probs.mean(dim=1)  # soft-max of the image and of its flip averaged
+
+
+def _multicrop(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+    size = net.image_size
+    windows = [(t, l, ct * cl / GRID ** 2) for t, ct in _grid(x.shape[-2], size) for l, cl in _grid(x.shape[-1], size)]
+    weights = torch.tensor([w for _, _, w in windows] * (2 if net.flip else 1))
+    weights = (weights / weights.sum()).view(1, -1, 1)  # each flip gets half the weight
+    per_image = weights.numel()
+    out = []
+    for chunk in x.split(max(1, batch_size // per_image)):
+        crops = torch.stack([chunk[..., t:t + size, l:l + size] for t, l, _ in windows], dim=1)
+        if net.flip:
+            crops = torch.cat([crops, crops.flip(-1)], dim=1)
+        n = crops.shape[0]
+        logits = _logits(net.model, net.normalise(crops.flatten(0, 1)), runtime, batch_size)
+        probs = nnf.softmax(logits, dim=1).view(n, per_image, -1)
+        out.append((probs * weights.to(probs.device)).sum(dim=1))
+    return torch.cat(out)
+
+
+_PROTOCOLS = {"center": _center, "dense": _dense, "multicrop": _multicrop}
+
+
+def _check_scale(net: Net, protocol: str, q: int) -> None:
+    if protocol == "dense" and q < net.dense_min_size:
+        raise UserError(f"dense evaluation of {net.name} needs Q >= {net.dense_min_size} px "
+                        f"({net.model.head} head), got Q={q}; choose larger --scales or --methods center,multicrop")
+    if protocol != "dense" and q < net.image_size:
+        raise UserError(f"{protocol} evaluation of {net.name} needs Q >= its {net.image_size} px crop, got Q={q}")
+
+
+@torch.inference_mode()
+def posteriors(net: Net, images: Sequence[Tensor], protocol: str, q: int, *, runtime: Runtime,
+               batch_size: int = 64) -> Tensor:
+    """Soft-max posteriors (N, classes), fp32 on the CPU, of one protocol at test scale Q.
+
+    `images`: float tensors 3 x H x W in [0, 1], any sizes; images of one size are batched together.
+    `protocol`: "center", "dense" or "multicrop". The net must already be on the runtime's device.
+    """
+    _check_scale(net, protocol, q)
+    out = torch.empty(len(images), net.num_classes)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    for shape, idx in groups.items():
+        if len(shape) != 3 or shape[0] != 3:
+            raise UserError(f"expected RGB images of shape 3 x H x W, got {list(shape)}")
+        x = rescale(torch.stack([images[i] for i in idx]).to(runtime.device, torch.float32), q)
+        out[idx] = _PROTOCOLS[protocol](net, x, runtime, batch_size).cpu()
+    return out
+
+
+@dataclass(kw_only=True)
+class Row:
+    """One line of the table: a net (or the ensemble), a method, its test scales, errors and speed."""
+
+    net: str
+    method: str
+    scales: tuple[int, ...]
+    top1_error: float  # %
+    top5_error: float  # %, top-k with k = min(5, classes)
+    top_k: int
+    images: int
+    images_per_s: float
+    views_per_image: int  # network evaluations per image: crops, or whole images for dense
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scales"] = list(self.scales)
+        d.update(top1_error=round(self.top1_error, 4), top5_error=round(self.top5_error, 4),
+                 images_per_s=float(f"{self.images_per_s:.4g}"))
+        return d
+
+
+def check_classes(nets: Sequence[Net], class_names: Sequence[str] | None = None) -> None:
+    """Ensemble members must agree on their classes, and the data's classes must be the nets'."""
+    first = nets[0]
+    for other in nets[1:]:
+        if other.num_classes != first.num_classes:
+            raise UserError(f"ensemble members disagree in classes: {first.name} has {first.num_classes}, "
+                            f"{other.name} has {other.num_classes}")
+        if other.class_names != first.class_names:
+            i = next(i for i, (a, b) in enumerate(zip(first.class_names, other.class_names)) if a != b)
+            raise UserError(f"ensemble members disagree in class names: class {i} is {first.class_names[i]!r} "
+                            f"in {first.name}, {other.class_names[i]!r} in {other.name}")
+    if class_names is None:
+        return
+    if len(class_names) != first.num_classes:
+        raise UserError(f"the data has {len(class_names)} classes, {first.name} was trained on {first.num_classes}")
+    # ImageNet folders are named by WordNet id, the nets' classes by word: only their count can match.
+    numbered = first.class_names == [str(i) for i in range(first.num_classes)]
+    if first.meta.get("name") != "imagenet" and not numbered and list(class_names) != first.class_names:
+        i = next(i for i, (a, b) in enumerate(zip(class_names, first.class_names)) if a != b)
+        raise UserError(f"the data's classes differ from {first.name}'s: class {i} is {class_names[i]!r} in the data, "
+                        f"{first.class_names[i]!r} in the checkpoint")
+
+
+def _batches(dataset: Any, batch_size: int, workers: int, limit: int | None) -> Iterable[list[tuple[Tensor, int]]]:
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = range(n)
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                             num_workers=workers, collate_fn=list)
+        yield from loader
+        return
+    for start in range(0, n, batch_size):
+        yield [dataset[i] for i in range(start, min(start + batch_size, n))]
+
+
+def _sync(runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+
+
+def evaluate(nets: Sequence[Net], dataset: Any, *, methods: Sequence[str] | None = None,
+             scales: Sequence[Sequence[int]] | None = None, runtime: Runtime | None = None,
+             batch_size: int = 64, workers: int = 0, limit: int | None = None, warmup: bool = True,
+             progress: Callable[[int], None] | None = None) -> list[Row]:
+    """Test `nets` on `dataset` (items: float 3 x H x W in [0, 1], int label) with the paper's protocols.
+
+    `scales` is a list of scale sets, e.g. [(384,), (256, 384, 512)]: each gives one row per method
+    (posteriors averaged over its Q). Several nets give one row per member and one for the ensemble
+    (posteriors averaged over the nets, section 4.3). images/s counts only the nets' work (rescaling,
+    cropping and forward passes) for the posteriors that row averages, not the loading of images.
+    `progress(images done)` is called after every batch.
+    """
+    if not nets:
+        raise UserError("no weights given")
+    check_classes(nets)
+    methods = parse_methods(methods)
+    scale_sets = [tuple(s) for s in (scales or [default_scales(nets[0])])]
+    runtime = runtime or resolve_runtime()
+    needed = {(n, part, q) for n in range(len(nets)) for m in methods for part in _PARTS[m]
+              for s in scale_sets for q in s}
+    for n, part, q in sorted(needed):
+        _check_scale(nets[n], part, q)
+    for net in nets:
+        if any(part == "dense" for _, part, _ in needed):
+            net.dense()
+        net.to(runtime)
+    k = min(5, nets[0].num_classes)
+    who = list(range(len(nets))) + (["ensemble"] if len(nets) > 1 else [])
+    correct = {(w, m, s): [0, 0] for w in who for m in methods for s in scale_sets}
+    seconds = dict.fromkeys(needed, 0.0)
+    count = 0
+    for b, batch in enumerate(_batches(dataset, batch_size, workers, limit)):
+        images = [img for img, _ in batch]
+        labels = torch.tensor([int(label) for _, label in batch])
+        if (labels < 0).any():
+            raise UserError("the images have no labels (a plain folder of images); eval needs class sub-folders "
+                            "or a labelled dataset; use `vggnet predict` for unlabelled images")
+        if (labels >= nets[0].num_classes).any():
+            raise UserError(f"label {int(labels.max())} is out of range for {nets[0].num_classes} classes")
+        probs: dict[tuple[int, str, int], Tensor] = {}
+        for key in sorted(needed):
+            net, part, q = nets[key[0]], key[1], key[2]
+            if warmup and b == 0:  # first calls allocate and autotune: keep them out of the timing
+                posteriors(net, images[:1], part, q, runtime=runtime, batch_size=batch_size)
+            _sync(runtime)
+            start = time.perf_counter()
+            probs[key] = posteriors(net, images, part, q, runtime=runtime, batch_size=batch_size)
+            _sync(runtime)
+            seconds[key] += time.perf_counter() - start
+        for m in methods:
+            for s in scale_sets:
+                member = [torch.stack([probs[(n, part, q)] for part in _PARTS[m] for q in s]).mean(0)
+                          for n in range(len(nets))]
+                combined = dict(enumerate(member))
+                if len(nets) > 1:
+                    combined["ensemble"] = torch.stack(member).mean(0)
+                for w, p in combined.items():
+                    top = p.topk(k, dim=1).indices
+                    correct[(w, m, s)][0] += int((top[:, 0] == labels).sum())
+                    correct[(w, m, s)][1] += int((top == labels[:, None]).any(dim=1).sum())
+        count += len(batch)
+        if progress is not None:
+            progress(count)
+    if count == 0:
+        raise UserError("the dataset holds no images")
+    rows = []
+    for s in scale_sets:
+        for m in methods:
+            for w in who:
+                members = range(len(nets)) if w == "ensemble" else [w]
+                spent = sum(seconds[(n, part, q)] for n in members for part in _PARTS[m] for q in s)
+                top1, topk = correct[(w, m, s)]
+                name = "ensemble (" + " + ".join(net.name for net in nets) + ")" if w == "ensemble" else nets[w].name
+                views = sum(_views(nets[n], part) for n in members for part in _PARTS[m]) * len(s)
+                rows.append(Row(net=name, method=m, scales=s, top1_error=100.0 * (1 - top1 / count),
+                                top5_error=100.0 * (1 - topk / count), top_k=k, images=count,
+                                images_per_s=count / spent if spent > 0 else math.inf, views_per_image=views))
+    return rows
+
+
+def _views(net: Net, part: str) -> int:
+    flips = 2 if net.flip else 1
+    return {"center": 1, "dense": flips, "multicrop": GRID * GRID * flips}[part]
+
+
+def _speed(v: float) -> str:
+    return f"{v:.1f}" if v >= 100 else f"{v:#.3g}"  # three significant figures for slow methods
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as Table 5 of the paper: net, method, test scales Q, top-1 and top-5 error, speed."""
+    k = rows[0].top_k if rows else 5
+    headers = ["net", "method", "scales Q", "views", "top-1 err (%)", f"top-{k} err (%)", "images/s"]
+    body = [[r.net, r.method, ",".join(map(str, r.scales)), str(r.views_per_image), f"{r.top1_error:.2f}",
+             f"{r.top5_error:.2f}", _speed(r.images_per_s)] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(headers, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
