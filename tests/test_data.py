@@ -61,7 +61,7 @@ def test_digits_images_are_upsampled_rgb_and_normalised_with_train_stats():
     assert label2 == label and torch.allclose(y, (x - m) / s, atol=1e-5)
     assert b.meta() == {"name": "digits", "class_names": b.class_names, "num_classes": 10, "mean": list(b.mean),
                         "std": list(b.std), "image_size": 32, "train_scale": [32, 48], "eval_scale": 32,
-                        "data": None, "seed": 1}
+                        "data": None, "seed": 1, "hflip": False}
 
 
 # ----------------------------------------------------------------------------- CIFAR

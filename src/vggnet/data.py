@@ -177,13 +177,14 @@ class DataBundle:
     data: str | None = None                     # the data source: None (digits), "synthetic" or an absolute path
     seed: int = 0                               # the split seed
     synthetic_size: int | None = None
+    hflip: bool = True                          # random horizontal flips in training (test-time flips follow it)
 
     def meta(self) -> dict:
         """Plain data (JSON, YAML and weights_only safe) describing how to rebuild the same inputs."""
         out = {"name": self.name, "class_names": list(self.class_names), "num_classes": self.num_classes,
                "mean": list(self.mean), "std": list(self.std), "image_size": self.image_size,
                "train_scale": list(self.train_scale), "eval_scale": self.eval_scale,
-               "data": self.data, "seed": self.seed}
+               "data": self.data, "seed": self.seed, "hflip": self.hflip}
         if self.synthetic_size is not None:
             out["synthetic_size"] = self.synthetic_size
         return out
@@ -241,7 +242,7 @@ def build_data(data: str | None = None, *, image_size: int | None = None,
                       num_classes=len(src.class_names), class_names=src.class_names, mean=tuple(mean),
                       std=tuple(std), image_size=size, train_scale=scale, eval_scale=q, skipped=src.skipped,
                       data=str(root) if root else (None if name == "digits" else name),
-                      seed=seed, synthetic_size=synthetic_size if name == "synthetic" else None)
+                      seed=seed, synthetic_size=synthetic_size if name == "synthetic" else None, hflip=flip)
 
 
 def eval_images(data: str | None, split: str = "test", *, seed: int = 0, strict: bool = False,
