@@ -1,0 +1,79 @@
+"""NCHW against channels_last, fp32, for VGG training and inference on this machine (issue 5).
+
+`vggnet bench` gives two rounds per setting; this script gives one question more rounds, so the
+choice of `runtime.resolve_runtime(channels_last=...)` rests on more than noise:
+
+    python benchmarks/memory_format.py                      # D: 32 px b128 (compact, BN), 224 px b4
+    python benchmarks/memory_format.py --reps 7 --json out.json
+
+Each case interleaves the two formats round by round after one warm-up step and reports the
+median seconds per step (or per forward pass) and channels_last / NCHW in images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import statistics
+
+import torch
+
+from vggnet.bench import machine_info, time_interleaved
+from vggnet.model import vgg
+from vggnet.runtime import Runtime
+from vggnet.train import train_step
+
+CASES = [  # (what, size, batch, model kwargs)
+    ("train", 32, 128, dict(head="compact", batch_norm=True, num_classes=10)),
+    ("train", 224, 4, dict(head="paper", batch_norm=False, num_classes=1000)),
+    ("infer", 224, 4, dict(head="paper", batch_norm=False, num_classes=1000)),
+]
+
+
+def _step(what: str, model: torch.nn.Module, rt: Runtime, size: int, batch: int, classes: int):
+    x = rt.inputs(torch.randn(batch, 3, size, size))
+    if what == "infer":  # the caller runs it under inference_mode
+        model.eval()
+        return lambda: model(x)
+    y = torch.randint(0, classes, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    return functools.partial(train_step, model.train(), x, y, opt, rt, check_finite=False)
+
+
+def measure(config: str, reps: int) -> list[dict]:
+    rows = []
+    for what, size, batch, kw in CASES:
+        base = vgg(config, init="kaiming", **kw)
+        fns = {}
+        for cl in (False, True):
+            rt = Runtime(torch.device("cpu"), "fp32", cl)
+            model = rt.prepare(copy.deepcopy(base))
+            fns["channels_last" if cl else "NCHW"] = _step(what, model, rt, size, batch, kw["num_classes"])
+        with torch.inference_mode(what == "infer"):
+            times = time_interleaved(fns, budget_s=0, max_reps=reps, min_reps=reps)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"what": what, "config": config, "size": size, "batch": batch, **kw, "reps": reps,
+                     "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+                     "median_s": med, "channels_last_over_nchw": med["NCHW"] / med["channels_last"]})
+        print(f"{what} {config} {size} px batch {batch} ({kw['head']} head{', BN' if kw['batch_norm'] else ''}): "
+              f"NCHW {med['NCHW']:.2f} s, channels_last {med['channels_last']:.2f} s, "
+              f"channels_last / NCHW {rows[-1]['channels_last_over_nchw']:.2f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="D")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    result = {"machine": machine_info(torch.device("cpu")), "rows": measure(args.config, args.reps)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
