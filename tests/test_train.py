@@ -161,6 +161,14 @@ def test_run_directory_layout(reference, capsys):
     assert max(r["val_top1"] for r in rows) == summary["best_val_top1"] == best["train_state"]["val"]["top1"]
 
 
+def test_resume_keeps_the_recorded_configuration(reference, capsys):
+    assert main(["train", "--resume", str(reference), "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr cannot change" in err and err.count("\n") == 1
+    assert main(["train", "--out", str(reference), *TINY]) == 2  # a fresh run may not overwrite it
+    assert "already holds a run" in capsys.readouterr().err
+
+
 def test_sigkill_then_resume_ends_exactly_like_the_uninterrupted_run(reference, tmp_path):
     out = tmp_path / "run"
     # one worker process here (the reference used none): augmentation must not depend on it

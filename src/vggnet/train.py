@@ -345,7 +345,6 @@ def _train(cfg: TrainConfig, resume: bool, procs: _Procs, device: str, start: fl
         for epoch in range(state["epoch"], cfg.epochs):
             if state["stop_reason"]:
                 break
-            lr = optimizer.param_groups[0]["lr"]
             train_m, seconds = _train_epoch(net, train_loader, optimizer, runtime, scaler, cfg, epoch, state, procs)
             procs.broadcast_state(model)  # BN statistics: rank 0's everywhere, as checkpoints hold them
             val_m = evaluate(eval_net, val_loader, runtime)
@@ -368,18 +367,8 @@ def _train(cfg: TrainConfig, resume: bool, procs: _Procs, device: str, start: fl
             state["wall_seconds"] = prior_wall + time.perf_counter() - start
             rngs = procs.gather(_rng_state())
             if procs.main:
-                if improved:
-                    save_checkpoint(run.best, model, meta=meta, train_state={"epoch": epoch + 1, "val": val_m})
-                save_checkpoint(run.last, model, meta=meta, optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                train_state={**state, "rng": rngs})
-                run.write_metrics(state["history"])
-                run.plot_curves(state["history"])
-                for key, value in row.items():
-                    if key != "epoch":
-                        writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
-                                          value, epoch + 1)
-                writer.flush()
+                _save_epoch(run, writer, model, meta, optimizer, scheduler, scaler, {**state, "rng": rngs}, row,
+                            improved, val_m)
                 tqdm.write(format_epoch(row, cfg.epochs, best=improved))
             if state["stop_reason"]:
                 log(f"stopping: {state['stop_reason']}")
@@ -396,6 +385,22 @@ def _train(cfg: TrainConfig, resume: bool, procs: _Procs, device: str, start: fl
         f"(best epoch {state['best_epoch']} of {state['epoch']}, {summary['wall_seconds']:.0f} s)")
     log(f"run directory: {run.path}")
     return summary
+
+
+def _save_epoch(run: RunDir, writer, model: VGG, meta: dict, optimizer, scheduler, scaler, train_state: dict,
+                row: dict[str, Any], improved: bool, val_m: dict[str, float]) -> None:
+    """Rank 0, after each epoch: checkpoints first (atomic), then metrics.jsonl, curves.png, TensorBoard."""
+    epoch = row["epoch"]
+    if improved:
+        save_checkpoint(run.best, model, meta=meta, train_state={"epoch": epoch, "val": val_m})
+    save_checkpoint(run.last, model, meta=meta, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(), train_state=train_state)
+    run.write_metrics(train_state["history"])
+    run.plot_curves(train_state["history"])
+    for key, value in row.items():
+        if key != "epoch":  # train_loss -> train/loss, val_top1 -> val/top1; lr, images_per_s, seconds as is
+            writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key, value, epoch)
+    writer.flush()
 
 
 def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, runtime: Runtime, scaler, cfg: TrainConfig,
@@ -422,8 +427,8 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, runtime: Runtime
         seen += len(labels) * procs.world
         if not bar.disable and (i % 5 == 0 or i + 1 == len(loader)):
             v = meter.value()
-            bar.set_postfix(loss=f"{v['loss']:.4f}", acc=f"{v['top1']:.1f}%",
-                            img_s=f"{seen / (time.perf_counter() - begin):.0f}")
+            bar.set_postfix({"loss": f"{v['loss']:.4f}", "acc": f"{v['top1']:.1f}%",
+                             "img/s": f"{seen / (time.perf_counter() - begin):.0f}"})
         bar.update()
     bar.close()
     return meter.all_reduce(runtime.device).value(), time.perf_counter() - begin
