@@ -15,7 +15,8 @@ import vggnet.evaluate as ev
 from vggnet.checkpoint import save_checkpoint
 from vggnet.cli import main
 from vggnet.errors import UserError
-from vggnet.evaluate import (Net, evaluate, load_net, net_from_model, parse_methods, parse_scales, posteriors,
+from vggnet.nets import Net, load_net, net_from_model
+from vggnet.evaluate import (evaluate, parse_methods, parse_scales, posteriors,
                              training_scales)
 from vggnet.imagenet import IMAGENET_MEAN, imagenet_class_names
 from vggnet.runtime import resolve_runtime

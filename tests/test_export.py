@@ -8,7 +8,7 @@ import torch
 import vggnet
 from vggnet.checkpoint import save_checkpoint
 from vggnet.cli import main
-from vggnet.evaluate import net_from_model
+from vggnet.nets import net_from_model
 from vggnet.export import export_onnx, export_torchscript
 
 onnx = pytest.importorskip("onnx")

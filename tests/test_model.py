@@ -161,7 +161,10 @@ def test_dense_form_equals_model_at_224(config):
     torch.manual_seed(0)
     model = vggnet.vgg(config, num_classes=20).eval()
     dense = model.to_fully_conv().eval()
-    assert [m.kernel_size for m in dense.classifier if isinstance(m, nn.Conv2d)] == [(7, 7), (1, 1), (1, 1)]
+    assert [m.kernel for m in dense.classifier if hasattr(m, "kernel")] == [7, 1, 1]
+    # The dense form shares the net's tensors: no copy of the ~124M FC parameters.
+    shared = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in dense.parameters()} == shared
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         scores = dense(x)

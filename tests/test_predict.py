@@ -16,7 +16,7 @@ import vggnet
 from vggnet.checkpoint import save_checkpoint
 from vggnet.cli import main
 from vggnet.errors import UserError
-from vggnet.evaluate import net_from_model
+from vggnet.nets import net_from_model
 from vggnet.predict import grad_cam, image_cam, image_paths, overlay, predict, read_image
 from vggnet.runtime import resolve_runtime
 

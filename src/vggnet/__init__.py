@@ -7,13 +7,15 @@
 
 from .configs import CONFIGS, MODELS
 from .model import (
-    VGG, VGGFullyConv, WarmStartReport, get_model, list_models, vgg, vgg11, vgg11_bn, vgg13, vgg13_bn,
-    vgg16, vgg16_bn, vgg19, vgg19_bn, warm_start,
+    VGG, VGGFullyConv, WarmStartReport, get_model, list_models, vgg, vgg11, vgg11_bn, vgg11_lrn, vgg11_lrn_bn,
+    vgg13, vgg13_bn, vgg16, vgg16_bn, vgg16c, vgg16c_bn, vgg19, vgg19_bn, warm_start,
 )
+from .nets import Net, load_net, net_from_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONFIGS", "MODELS", "VGG", "VGGFullyConv", "WarmStartReport", "get_model", "list_models", "vgg",
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "warm_start",
+    "CONFIGS", "MODELS", "VGG", "VGGFullyConv", "WarmStartReport", "Net", "get_model", "list_models",
+    "load_net", "net_from_model", "vgg", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg11_lrn_bn", "vgg13", "vgg13_bn",
+    "vgg16", "vgg16_bn", "vgg16c", "vgg16c_bn", "vgg19", "vgg19_bn", "warm_start",
 ]

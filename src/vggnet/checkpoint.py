@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -29,20 +29,31 @@ from .configs import CONFIGS
 from .errors import UserError
 from .model import HEADS, VGG, vgg
 
-__all__ = ["atomic_save", "load_checkpoint", "save_checkpoint", "load_model", "infer_model_args",
+__all__ = ["atomic_write", "atomic_save", "load_checkpoint", "save_checkpoint", "load_model", "infer_model_args",
            "check_state_dict", "FORMAT"]
 
 FORMAT = "vggnet"
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` to `path` so that readers only ever see the old file or the complete new one."""
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
+    """Write `path` so that readers only ever see the old file or the complete new one.
+
+    The one writer for every file vggnet produces (checkpoints, run files, exports, pictures,
+    JSON reports, feature files). `data` is bytes, text (UTF-8) or a function that writes to the
+    open binary file. The bytes go to a temporary file in the same directory, are fsynced, then
+    renamed over `path`, and the directory is fsynced so the rename itself is durable. On any
+    failure (a full disk, a kill, an exception in `data`) the previous file is left intact and the
+    temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,10 +62,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` through `atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | os.PathLike, model: VGG, *, meta: Mapping[str, Any] | None = None,

@@ -31,14 +31,11 @@ import torch.nn.functional as nnf
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-from .checkpoint import load_model
-from .configs import MODELS, config_of
 from .errors import UserError
-from .imagenet import complete_meta
-from .model import VGG, VGGFullyConv
+from .nets import Net
 from .runtime import Runtime, resolve_runtime
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "GRID", "Net", "Row", "load_net", "net_from_model", "parse_methods",
+__all__ = ["METHODS", "DEFAULT_METHODS", "GRID", "Row", "dense_pooled", "parse_methods",
            "parse_scales", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
            "format_table", "check_classes"]
 
@@ -48,108 +45,6 @@ DEFAULT_METHODS = METHODS
 _PARTS = {"center": ("center",), "dense": ("dense",), "multicrop": ("multicrop",),
           "multicrop+dense": ("multicrop", "dense")}
 GRID = 5  # section 3.2: a 5x5 regular grid of crops per scale
-
-
-@dataclass(kw_only=True)
-class Net:
-    """A net ready for testing: the model, its completed meta (classes, mean/std, sizes) and a name."""
-
-    model: VGG
-    meta: dict[str, Any]
-    name: str
-    flip: bool = True  # test-time horizontal flips (section 3.2); off for data whose mirror is another thing
-    _dense: VGGFullyConv | None = field(default=None, repr=False)
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.meta["class_names"]
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
-    @property
-    def image_size(self) -> int:
-        """The crop size the net was trained on (224 for ImageNet, 32 for digits/CIFAR)."""
-        return int(self.meta["image_size"])
-
-    @property
-    def eval_scale(self) -> int:
-        return int(self.meta["eval_scale"])
-
-    @property
-    def train_scale(self) -> tuple[int, int]:
-        return tuple(self.meta["train_scale"])  # type: ignore[return-value]
-
-    @property
-    def dense_min_size(self) -> int:
-        """Smallest image side the dense form takes: 224 for the paper's 7x7-conv FC1, 32 for the compact head."""
-        return 224 if self.model.head == "paper" else 32
-
-    def dense(self) -> VGGFullyConv:
-        """The fully-convolutional form (built once, on the model's device and memory format)."""
-        if self._dense is None:
-            self._dense = self.model.to_fully_conv().eval()
-        return self._dense
-
-    def to(self, runtime: Runtime) -> Net:
-        """Move the model (and its dense form) to the runtime's device and memory format, in place."""
-        runtime.prepare(self.model)
-        if self._dense is not None:
-            runtime.prepare(self._dense)
-        return self
-
-    def normalise(self, x: Tensor) -> Tensor:
-        """[0, 1] pixels -> the net's input: minus the training set's mean RGB (section 2.1), over the std."""
-        mean = torch.tensor(self.meta["mean"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.meta["std"], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-
-def _default_flip(meta: Mapping[str, Any]) -> bool:
-    """Flip at test time iff the net was trained with flips: the trainer's setting, else on except for
-    handwritten digits, which train without them (a mirrored 2 is no 2)."""
-    hflip = meta.get("hflip", (meta.get("train_config") or {}).get("hflip"))
-    return meta.get("name") != "digits" if hflip is None else bool(hflip)
-
-
-def net_from_model(model: VGG, meta: Mapping[str, Any] | None = None, *, name: str = "model",
-                   flip: bool | None = None) -> Net:
-    """Wrap an in-memory model (with its DataBundle.meta(), if any) for testing."""
-    full = complete_meta(meta or {}, model.constructor_args)
-    return Net(model=model.eval(), meta=full, name=name, flip=_default_flip(full) if flip is None else flip)
-
-
-def load_net(path: str | os.PathLike, *, config: str | None = None, num_classes: int | None = None,
-             flip: bool | None = None, map_location: str = "cpu") -> Net:
-    """Load a project checkpoint or a torchvision ImageNet file as a `Net`.
-
-    `config` ("D" or "vgg16_bn") and `num_classes` are claims about the checkpoint: if they do not
-    fit its tensors, the UserError names the keys or shapes that differ.
-    """
-    overrides: dict[str, Any] = {}
-    if config is not None:
-        try:
-            overrides["config"], batch_norm = config_of(config)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if config in MODELS:  # a model name says whether it has BN; a bare letter does not
-            overrides["batch_norm"] = batch_norm
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    model, meta = load_model(path, map_location=map_location, **overrides)
-    full = complete_meta(meta, model.constructor_args)
-    return Net(model=model, meta=full, name=_short_name(path), flip=_default_flip(full) if flip is None else flip)
-
-
-def _short_name(path: str | os.PathLike) -> str:
-    path = os.fspath(path).rstrip("/")
-    base = os.path.basename(path)
-    if base in ("best.pt", "last.pt"):  # run_dir/checkpoints/best.pt -> run_dir/best.pt
-        parent = os.path.dirname(os.path.dirname(path)) if os.path.basename(os.path.dirname(path)) == "checkpoints" \
-            else os.path.dirname(path)
-        return f"{os.path.basename(parent) or parent}/{base}"
-    return base
 
 
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
@@ -215,31 +110,66 @@ def _grid(length: int, size: int, n: int = GRID) -> list[tuple[int, int]]:
     return sorted(Counter(offsets).items())
 
 
-def _logits(model: torch.nn.Module, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
-    """Forward `x` in chunks of `batch_size`, in the runtime's precision and memory format; fp32 out."""
+def _forward(net: Net, key: str, module: torch.nn.Module, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+    """Run `module` (the net, its dense form, or the dense form cut at a layer) on `x` in chunks; fp32 out.
+
+    `key` names the module for the net's engine ("crop", "dense", "dense:fc7"); without an engine
+    the pass is eager PyTorch in the runtime's precision and memory format.
+    """
     outs = []
     for chunk in x.split(batch_size):
+        chunk = runtime.inputs(chunk)
+        if net.engine is not None:
+            outs.append(net.engine(key, module, chunk).float())
+            continue
         with runtime.autocast():
-            outs.append(model(runtime.inputs(chunk)).float())
+            outs.append(module(chunk).float())
     return torch.cat(outs)
 
 
 def _center(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
     crop = F.center_crop(x, [net.image_size, net.image_size])
-    return nnf.softmax(_logits(net.model, net.normalise(crop), runtime, batch_size), dim=1)
+    return nnf.softmax(_forward(net, "crop", net.model, net.normalise(crop), runtime, batch_size), dim=1)
 
 
-def _dense(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+class _DenseTo(torch.nn.Module):
+    """The dense form stopped at one layer, as a module an engine can export."""
+
+    def __init__(self, dense: torch.nn.Module, layer: str) -> None:
+        super().__init__()
+        self.dense, self.layer = dense, layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense.forward_to(x, self.layer)
+
+
+def dense_pooled(net: Net, x: Tensor, *, runtime: Runtime, batch_size: int = 64,
+                 layer: str | None = None) -> Tensor:
+    """Section 3.2's dense application: (N, 3, H, W) pixels in [0, 1], already rescaled to Q ->
+    (N, V, D) spatial averages of the dense net's `layer` map, V = 2 (the image and its mirror)
+    when the net tests with flips, else 1.
+
+    `layer` None gives the class-score map (D = classes; dense evaluation soft-maxes it); "fc7"
+    gives Appendix B's descriptor (D = 4096 for the paper's head); any activation name
+    (relu5_3, stage5, ...) works too (see `Net.layer_names`).
+    """
+    if layer is not None and layer not in net.layer_names:
+        raise UserError(f"unknown layer {layer!r}; expected one of {', '.join(net.layer_names)}")
+    module = net.dense() if layer is None else _DenseTo(net.dense(), layer)
+    key = "dense" if layer is None else f"dense:{layer}"
     x = net.normalise(x)
     views = torch.stack([x, x.flip(-1)], dim=1) if net.flip else x.unsqueeze(1)  # (N, V, 3, H, W)
     n, v = views.shape[:2]
-    per = max(1, batch_size // v)
-    scores = []
-    for chunk in views.split(per):
-        score_map = _logits(net.dense(), chunk.flatten(0, 1), runtime, batch_size)  # (n*V, classes, h, w)
-        scores.append(score_map.mean(dim=(2, 3)))  # class-score map averaged over space (sum-pooling)
-    probs = nnf.softmax(torch.cat(scores), dim=1).view(n, v, -1)
-    return probs.mean(dim=1)  # soft-max of the image and of its flip averaged
+    pooled = []
+    for chunk in views.split(max(1, batch_size // v)):
+        out = _forward(net, key, module, chunk.flatten(0, 1), runtime, batch_size)  # (n*V, D, h, w)
+        pooled.append(out.mean(dim=(2, 3)))  # the map averaged over space (sum-pooling, section 3.2)
+    return torch.cat(pooled).view(n, v, -1)
+
+
+def _dense(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+    scores = dense_pooled(net, x, runtime=runtime, batch_size=batch_size)
+    return nnf.softmax(scores, dim=2).mean(dim=1)  # soft-max of the image and of its flip averaged
 
 
 def _multicrop(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
@@ -254,7 +184,7 @@ def _multicrop(net: Net, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor
         if net.flip:
             crops = torch.cat([crops, crops.flip(-1)], dim=1)
         n = crops.shape[0]
-        logits = _logits(net.model, net.normalise(crops.flatten(0, 1)), runtime, batch_size)
+        logits = _forward(net, "crop", net.model, net.normalise(crops.flatten(0, 1)), runtime, batch_size)
         probs = nnf.softmax(logits, dim=1).view(n, per_image, -1)
         out.append((probs * weights.to(probs.device)).sum(dim=1))
     return torch.cat(out)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .evaluate import Net
+from .nets import Net
 
 __all__ = ["FORMATS", "DenseScores", "ExportReport", "export", "export_onnx", "export_torchscript",
            "check_onnx", "check_torchscript", "export_meta"]

@@ -9,20 +9,20 @@ and named intermediate activations.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from .configs import MODELS, Layer, config_of, parse_config
 
 __all__ = [
     "VGG", "VGGFullyConv", "WarmStartReport", "vgg", "get_model", "list_models", "warm_start",
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-    "HEADS", "INITS", "MIN_INPUT_SIZE",
+    "vgg11", "vgg11_bn", "vgg11_lrn", "vgg11_lrn_bn", "vgg13", "vgg13_bn", "vgg16c", "vgg16c_bn",
+    "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "HEADS", "INITS", "MIN_INPUT_SIZE",
 ]
 
 HEADS = ("paper", "compact")
@@ -117,6 +117,19 @@ def _init_weights(model: nn.Module, scheme: str) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _check_args(*, head: str, init: str, num_classes: int, in_channels: int, dropout: float) -> None:
+    """ValueError (not assert, which `python -O` removes) for constructor arguments the net cannot have."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
 class VGG(nn.Module):
     """A VGG network of Table 1. Build it with `vgg()` or a named builder (`vgg16_bn()`, ...)."""
 
@@ -126,9 +139,7 @@ class VGG(nn.Module):
                  head: str = "paper", dropout: float = 0.5, init: str = "paper") -> None:
         super().__init__()
         config, _ = config_of(config)
-        assert head in HEADS, f"head must be one of {HEADS}, got {head!r}"
-        assert init in INITS, f"init must be one of {INITS}, got {init!r}"
-        assert num_classes >= 1 and in_channels >= 1, f"need num_classes, in_channels >= 1, got {num_classes}, {in_channels}"
+        _check_args(head=head, init=init, num_classes=num_classes, in_channels=in_channels, dropout=dropout)
         # Everything needed to rebuild this exact net: checkpoints store it (see checkpoint.py).
         self.constructor_args = dict(config=config, batch_norm=batch_norm, num_classes=num_classes,
                                      in_channels=in_channels, head=head, dropout=dropout, init=init)
@@ -191,16 +202,49 @@ class VGG(nn.Module):
                 out[by_index[i]] = x
         return {n: out[n] for n in wanted}
 
+    def reset_classifier(self, num_classes: int) -> nn.Linear:
+        """Replace the last FC layer by a freshly initialised one with `num_classes` outputs (timm's name).
+
+        Fine-tuning to new classes: every other tensor is kept. Returns the new layer.
+        """
+        _check_args(head=self.head, init=self.constructor_args["init"], num_classes=num_classes,
+                    in_channels=self.in_channels, dropout=self.constructor_args["dropout"])
+        old = self.classifier[-1]
+        new = nn.Linear(old.in_features, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
+        _init_weights(new, self.constructor_args["init"])
+        self.classifier[-1] = new
+        self.num_classes = num_classes
+        self.constructor_args["num_classes"] = num_classes
+        return new
+
     def to_fully_conv(self) -> VGGFullyConv:
-        """The dense form of section 3.2: FC1 as a 7x7 conv, FC2 and FC3 as 1x1 convs, same weights."""
+        """The dense form of section 3.2: FC1 as a 7x7 conv, FC2 and FC3 as 1x1 convs, sharing this net's tensors."""
         return VGGFullyConv(self)
+
+
+class _LinearAsConv(nn.Module):
+    """A Linear over a flattened (C, k, k) map, applied as a k x k convolution with the very same tensors.
+
+    The weight is viewed, not copied: the dense form costs no memory and follows every change
+    (training, loading, `.to()`) of the net it came from.
+    """
+
+    def __init__(self, linear: nn.Linear, kernel: int) -> None:
+        super().__init__()
+        self.linear, self.kernel = linear, kernel
+        self.in_channels = linear.in_features // kernel ** 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.linear.weight.view(self.linear.out_features, self.in_channels, self.kernel, self.kernel)
+        return nnf.conv2d(x, w, self.linear.bias)
 
 
 class VGGFullyConv(nn.Module):
     """A VGG whose FC layers are convolutions: any image -> (N, classes, h, w) class-score map.
 
     The paper's head needs a final map of at least 7x7, so images of at least 224 px a side.
-    Average the map over space for an image's scores (the paper's dense evaluation).
+    Average the map over space for an image's scores (the paper's dense evaluation). Shares its
+    parameters with the VGG it was made from.
     """
 
     def __init__(self, model: VGG) -> None:
@@ -208,25 +252,42 @@ class VGGFullyConv(nn.Module):
         self.constructor_args = dict(model.constructor_args)
         self.in_channels, self.num_classes = model.in_channels, model.num_classes
         self.min_size = 32 * _POOL_SIZE[model.head]
-        self.features = copy.deepcopy(model.features)
+        self.features = model.features
+        self.activation_index = dict(model.activation_index)
         kernel = _POOL_SIZE[model.head]
         layers: list[nn.Module] = []
         for m in model.classifier:
             if isinstance(m, nn.Linear):
-                # A Linear over the flattened (C, k, k) map is a k x k conv with the same weights.
-                conv = nn.Conv2d(m.in_features // kernel ** 2, m.out_features, kernel)
-                with torch.no_grad():
-                    conv.weight.copy_(m.weight.reshape(conv.weight.shape))
-                    conv.bias.copy_(m.bias)
-                layers.append(conv)
+                layers.append(_LinearAsConv(m, kernel))
                 kernel = 1
             else:
-                layers.append(copy.deepcopy(m))
+                layers.append(m)
         self.classifier = nn.Sequential(*layers)
+
+    @property
+    def output_names(self) -> list[str]:
+        """What `forward_to` can stop at: relu1_1 ... stage5, then fc6 and fc7 (the paper's penultimate layer)."""
+        return [*self.activation_index, *_FC_OUTPUTS]
 
     def forward(self, x: Tensor) -> Tensor:
         x = _check_input(x, self.in_channels, self.min_size)
         return self.classifier(self.features(x))
+
+    @torch.jit.unused
+    def forward_to(self, x: Tensor, layer: str | None = None) -> Tensor:
+        """The dense map of `layer` (an activation name, "fc6" or "fc7"); None: the class-score map."""
+        if layer is None:
+            return self.forward(x)
+        if layer in self.activation_index:
+            return self.features[: self.activation_index[layer] + 1](_check_input(x, self.in_channels, 32))
+        if layer not in _FC_OUTPUTS:
+            raise ValueError(f"unknown layer {layer!r}; expected one of {', '.join(self.output_names)}")
+        x = self.features(_check_input(x, self.in_channels, self.min_size))
+        return self.classifier[: _FC_OUTPUTS[layer] + 1](x)
+
+
+# The FC layers' ReLU outputs by their Caffe names: fc6 (after FC1), fc7 (after FC2, Appendix B's descriptor).
+_FC_OUTPUTS = {"fc6": 1, "fc7": 4}
 
 
 def vgg(config: str, *, batch_norm: bool = False, num_classes: int = 1000, in_channels: int = 3,
@@ -258,6 +319,16 @@ def vgg11_bn(**kwargs) -> VGG:
     return vgg("A", batch_norm=True, **kwargs)
 
 
+def vgg11_lrn(**kwargs) -> VGG:
+    """Configuration A-LRN (in no other major library)."""
+    return vgg("A-LRN", **kwargs)
+
+
+def vgg11_lrn_bn(**kwargs) -> VGG:
+    """Configuration A-LRN with batch norm (in no other major library)."""
+    return vgg("A-LRN", batch_norm=True, **kwargs)
+
+
 def vgg13(**kwargs) -> VGG:
     """Configuration B (torchvision's vgg13)."""
     return vgg("B", **kwargs)
@@ -266,6 +337,16 @@ def vgg13(**kwargs) -> VGG:
 def vgg13_bn(**kwargs) -> VGG:
     """Configuration B with batch norm (torchvision's vgg13_bn)."""
     return vgg("B", batch_norm=True, **kwargs)
+
+
+def vgg16c(**kwargs) -> VGG:
+    """Configuration C (in no other major library)."""
+    return vgg("C", **kwargs)
+
+
+def vgg16c_bn(**kwargs) -> VGG:
+    """Configuration C with batch norm (in no other major library)."""
+    return vgg("C", batch_norm=True, **kwargs)
 
 
 def vgg16(**kwargs) -> VGG:

@@ -15,9 +15,13 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["PRECISIONS", "Runtime", "cpu_has_bf16_units", "resolve_device", "resolve_precision", "resolve_runtime"]
+__all__ = ["PRECISIONS", "INFERENCE_PRECISIONS", "ENGINES", "Runtime", "cpu_has_bf16_units", "resolve_device", "resolve_precision", "resolve_runtime"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Testing a net may also run it quantised (vggnet.engines); training may not.
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
+# How a loaded net's forward passes run at test time (vggnet.engines); "auto" picks the fastest correct one.
+ENGINES = ("auto", "eager", "compile", "onnxruntime")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from ..errors import UserError
 
 __all__ = ["main", "build_parser", "VERBS"]
 
 # verb -> module under vggnet.cli; a module that is not there yet is simply not offered.
-VERBS = ("info", "train", "eval", "predict", "export", "bench")
+VERBS = ("info", "train", "eval", "predict", "features", "probe", "export", "convert", "study", "bench")
 
 
 def _verb_modules():
@@ -50,3 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vggnet {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # Anything else is vggnet's fault, not the user's: show where, and say so.
+        traceback.print_exc()
+        print(f"vggnet {args.verb}: internal error (a bug in vggnet, not in your input); "
+              "please report it with the traceback above", file=sys.stderr)
+        return 1

@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..evaluate import METHODS, Net, check_classes, evaluate, format_table, load_net, parse_methods, parse_scales
+from ..evaluate import METHODS, check_classes, evaluate, format_table, parse_methods, parse_scales
+from ..nets import Net, load_net
 from ..runtime import PRECISIONS, resolve_runtime
 
 

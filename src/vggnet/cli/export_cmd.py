@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluate import load_net
+from ..nets import load_net
 from ..export import FORMATS, export
 
 

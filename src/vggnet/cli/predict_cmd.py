@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..evaluate import METHODS, load_net
+from ..evaluate import METHODS
+from ..nets import load_net
 from ..predict import format_predictions, image_cam, image_paths, overlay, predict, read_image
 from ..runtime import resolve_runtime
 from .eval_cmd import add_runtime_args, add_weights_args
