@@ -1,0 +1,164 @@
+"""Flag groups shared by the verbs, defined once, so a flag means the same thing everywhere.
+
+The grammar (README, "One CLI grammar"):
+
+- `--weights W`: any weights file vggnet reads, or a run directory;
+- `--train-scale S | S_MIN S_MAX`: training scale S (section 3.1); `--test-scale Q[,Q...]`: test
+  scale(s) Q, the smaller image side before the net sees it (section 3.2);
+- `--json [FILE]`: JSON output; alone (or `-`) on stdout, with FILE written atomically;
+- `--channels-last / --no-channels-last`: memory format (default: the faster one for the hardware);
+- `--device`, `--precision`, `--batch-size`, `--workers`: where and how fast;
+- `--out`: where results go; `--force`: replace what is there.
+
+Old spellings (`--scale`, `--scales`, `--eval-scale`) still work for one release and print a
+one-line deprecation note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write
+from ..errors import UserError
+from ..runtime import ENGINES, INFERENCE_PRECISIONS, PRECISIONS
+
+__all__ = ["add_weights_args", "add_flip_args", "add_runtime_args", "add_test_scale_arg", "add_json_arg",
+           "add_force_arg", "deprecated", "emit_json", "check_writable", "positive"]
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def deprecated(new: str) -> type[argparse.Action]:
+    """An argparse action for an old spelling: stores into the new flag's dest and says so once."""
+
+    class _Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"vggnet: {option_string} is deprecated and will be removed in the next release; "
+                  f"use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return _Deprecated
+
+
+def add_weights_args(p: argparse.ArgumentParser, *, several: bool = False, claims: bool = True) -> None:
+    """--weights (one, or several for an ensemble) and the --config / --classes claims about them."""
+    p.add_argument("--weights", required=True, nargs="+" if several else None, metavar="W",
+                   help="a checkpoint, run directory, torchvision .pth, safetensors, Keras .h5 or Caffe .caffemodel"
+                        + ("; several = an ensemble (soft-max averaged)" if several else ""))
+    if claims:
+        p.add_argument("--config", help="claim the weights are this configuration (A ... E or a model name); "
+                                        "a mismatch is reported key by key")
+        p.add_argument("--classes", type=positive, help="claim the weights have this many classes (checked like --config)")
+
+
+def add_flip_args(p: argparse.ArgumentParser) -> None:
+    flip = p.add_mutually_exclusive_group()
+    flip.add_argument("--flip", dest="flip", action="store_true", default=None,
+                      help="average over horizontal flips (default: as the net was trained: on, except for digits)")
+    flip.add_argument("--no-flip", dest="flip", action="store_false")
+
+
+def add_runtime_args(p: argparse.ArgumentParser, *, inference: bool = True, batch_size: int | None = 64) -> None:
+    """--device, --precision, --channels-last/--no-channels-last, --batch-size (and --engine for inference)."""
+    p.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default=None, choices=INFERENCE_PRECISIONS if inference else PRECISIONS,
+                   help="auto: bf16 where the hardware multiplies bf16 natively (CUDA, AMX CPUs), else fp32"
+                        + ("; int8: quantised inference" if inference else ""))
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: whichever is faster on this hardware)")
+    if inference:
+        p.add_argument("--engine", default="auto", choices=ENGINES,
+                       help="how forward passes run: auto picks the fastest correct engine here; eager is plain PyTorch")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=positive, default=batch_size,
+                       help=f"network inputs per forward pass (default {batch_size})")
+
+
+def add_test_scale_arg(p: argparse.ArgumentParser, *, several: bool = True, old: tuple[str, ...] = ()) -> None:
+    """--test-scale Q[,Q...]: the test scale(s) Q (section 3.2); `old` spellings still work, with a note."""
+    help_text = ("test scale Q, the smaller image side after rescaling; several comma-separated are averaged "
+                 "(multi-scale), the flag repeated gives more rows; 'train' = the paper's set for the "
+                 "training scale (default: the net's own test scale)") if several else \
+        "test scale Q, the smaller image side after rescaling (default: the net's own test scale)"
+    action = "append" if several else "store"
+    p.add_argument("--test-scale", dest="test_scale", action=action, metavar="Q[,Q...]" if several else "Q",
+                   help=help_text)
+    for spelling in old:
+        p.add_argument(spelling, dest="test_scale", action=_deprecated_append("--test-scale") if several
+                       else deprecated("--test-scale"), help=argparse.SUPPRESS)
+
+
+def _deprecated_append(new: str) -> type[argparse.Action]:
+    class _DeprecatedAppend(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"vggnet: {option_string} is deprecated and will be removed in the next release; "
+                  f"use {new}", file=sys.stderr)
+            items = list(getattr(namespace, self.dest, None) or [])
+            setattr(namespace, self.dest, items + [values])
+
+    return _DeprecatedAppend
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="JSON output: alone or '-' on stdout, with FILE written to that file")
+
+
+def add_force_arg(p: argparse.ArgumentParser, what: str = "existing output files") -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what}")
+
+
+def check_writable(path: str | Path, *, flag: str) -> Path:
+    """Fail before any work if `path` cannot be written (a directory, a missing parent we cannot make)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} expects a file path, got the directory {path}")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag}: cannot write {path}: {probe} is not a directory")
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"{flag}: cannot write {path}: no write permission in {probe}")
+    return path
+
+
+def emit_json(target: str | None, obj: Any) -> None:
+    """Print `obj` as JSON (target '-') or write it atomically to the file `target`."""
+    if target is None:
+        return
+    text = json.dumps(obj, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        atomic_write(target, text)
+    except OSError as e:
+        raise UserError(f"--json: cannot write {target}: {e.strerror or e}") from None
