@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import functional as F
 from .errors import UserError
 from .nets import Net
 from .runtime import Runtime, resolve_runtime
+from .transforms import rescale, to_float
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "GRID", "Row", "dense_pooled", "parse_methods",
            "parse_scales", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
@@ -93,13 +94,6 @@ def parse_scales(text: str | None, net: Net) -> tuple[int, ...]:
     if not qs or any(q < 1 for q in qs):
         raise UserError(f"--scales expects positive integers, got {text!r}")
     return tuple(dict.fromkeys(qs))
-
-
-def rescale(x: Tensor, q: int) -> Tensor:
-    """Isotropic rescale of (N, 3, H, W) so the smaller side is Q (section 3.2), antialiased bilinear."""
-    if min(x.shape[-2:]) == q:
-        return x
-    return F.resize(x, [q], antialias=True)
 
 
 def _grid(length: int, size: int, n: int = GRID) -> list[tuple[int, int]]:
@@ -206,7 +200,7 @@ def posteriors(net: Net, images: Sequence[Tensor], protocol: str, q: int, *, run
                batch_size: int = 64) -> Tensor:
     """Soft-max posteriors (N, classes), fp32 on the CPU, of one protocol at test scale Q.
 
-    `images`: float tensors 3 x H x W in [0, 1], any sizes; images of one size are batched together.
+    `images`: tensors 3 x H x W, uint8 or float in [0, 1], any sizes; images of one size are batched together.
     `protocol`: "center", "dense" or "multicrop". The net must already be on the runtime's device.
     """
     _check_scale(net, protocol, q)
@@ -217,7 +211,7 @@ def posteriors(net: Net, images: Sequence[Tensor], protocol: str, q: int, *, run
     for shape, idx in groups.items():
         if len(shape) != 3 or shape[0] != 3:
             raise UserError(f"expected RGB images of shape 3 x H x W, got {list(shape)}")
-        x = rescale(torch.stack([images[i] for i in idx]).to(runtime.device, torch.float32), q)
+        x = rescale(to_float(torch.stack([images[i] for i in idx])).to(runtime.device), q)
         out[idx] = _PROTOCOLS[protocol](net, x, runtime, batch_size).cpu()
     return out
 

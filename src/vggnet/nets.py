@@ -29,20 +29,9 @@ from .errors import UserError
 from .imagenet import complete_meta
 from .model import VGG, VGGFullyConv
 from .runtime import Runtime
+from .transforms import normalize
 
-__all__ = ["Net", "load_net", "net_from_model", "normalize"]
-
-
-def normalize(x: Tensor, mean, std, input_range: float = 1.0) -> Tensor:
-    """[0, 1] RGB pixels (N, 3, H, W) -> the net's input: x * input_range minus the mean, over the std.
-
-    The one normalisation of the project: training's transforms and every test protocol call it.
-    """
-    mean_t = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    if input_range != 1.0:
-        x = x * input_range
-    return (x - mean_t) / std_t
+__all__ = ["Net", "load_net", "net_from_model"]
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as F
 
 from .errors import UserError
-from .evaluate import METHODS, posteriors, rescale
+from .evaluate import METHODS, posteriors
+from .transforms import rescale
 from .nets import Net
 from .model import VGG, VGGFullyConv
 from .runtime import Runtime, resolve_runtime

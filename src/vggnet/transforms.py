@@ -30,7 +30,11 @@ __all__ = [
     "IMAGENET_STD",
     "PCALighting",
     "RandomIsotropicRescale",
+    "TestView",
     "eval_transform",
+    "normalize",
+    "rescale",
+    "to_float",
     "train_transform",
 ]
 
@@ -151,7 +155,8 @@ def _check_sizes(image_size: int, scales: Sequence[int]) -> None:
 
 
 def train_transform(*, image_size: int, train_scale: tuple[int, int], mean: Sequence[float],
-                    std: Sequence[float], lighting: float = 0.1, hflip: bool = True) -> v2.Compose:
+                    std: Sequence[float], lighting: float = 0.1, hflip: bool = True,
+                    input_range: float = 1.0) -> v2.Compose:
     """Section 3.1 augmentation: isotropic rescale to S in train_scale, random image_size crop
     (zero-padded if S < image_size), random horizontal flip, PCA lighting, normalisation.
 
@@ -166,20 +171,81 @@ def train_transform(*, image_size: int, train_scale: tuple[int, int], mean: Sequ
     steps += _to_float()
     if lighting > 0:
         steps.append(PCALighting(lighting))
-    steps += [v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
+    steps += [_Normalize(mean, std, input_range), v2.ToPureTensor()]
     return v2.Compose(steps)
 
 
-def eval_transform(*, image_size: int, eval_scale: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+class _Normalize(torch.nn.Module):
+    """`normalize` as a transform step (the same arithmetic as every test view)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], input_range: float) -> None:
+        super().__init__()
+        self.mean, self.std, self.input_range = tuple(mean), tuple(std), float(input_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.mean, self.std, self.input_range)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]; float input is taken to be in [0, 1] already."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def rescale(x: torch.Tensor, q: int) -> torch.Tensor:
+    """Isotropic rescale of (..., H, W) so the smaller side is Q (sections 3.1, 3.2), antialiased bilinear.
+
+    The one rescaling of the test path: training's val/test views and every protocol of
+    vggnet.evaluate call it, on float pixels in [0, 1].
+    """
+    if min(x.shape[-2:]) == q:
+        return x
+    return F.resize(x, [q], antialias=True)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], input_range: float = 1.0) -> torch.Tensor:
+    """[0, 1] RGB pixels (..., 3, H, W) -> the net's input: x * input_range, minus the mean, over the std.
+
+    The one normalisation of the project (section 2.1: subtract the training set's mean RGB);
+    mean and std are in the units of `input_range` (1.0 for torchvision-style weights, 255.0 for
+    the authors' Caffe weights).
+    """
+    shape = (-1, 1, 1)
+    mean_t = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(shape)
+    std_t = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(shape)
+    if input_range != 1.0:
+        x = x * input_range
+    return (x - mean_t) / std_t
+
+
+class TestView(torch.nn.Module):
+    """Section 3.2's single centre view, exactly as `vggnet eval --methods center` computes it:
+    pixels to float, rescale so the smaller side is Q, centre crop, normalise.
+
+    Training's val/test splits use it, so a run's summary.json and `vggnet eval` agree to the image.
+    Takes a PIL image or a uint8/float tensor 3 x H x W; returns float32 3 x size x size.
+    """
+
+    def __init__(self, *, image_size: int, test_scale: int, mean: Sequence[float], std: Sequence[float],
+                 input_range: float = 1.0) -> None:
+        super().__init__()
+        _check_sizes(image_size, (test_scale,))
+        self.image_size, self.test_scale = image_size, test_scale
+        self.mean, self.std, self.input_range = tuple(mean), tuple(std), float(input_range)
+
+    def forward(self, img) -> torch.Tensor:
+        x = F.pil_to_tensor(img) if isinstance(img, Image.Image) else img
+        x = rescale(to_float(x)[None], self.test_scale)
+        x = F.center_crop(x, [self.image_size, self.image_size])
+        return normalize(x, self.mean, self.std, self.input_range)[0]
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, test_scale={self.test_scale}"
+
+
+def eval_transform(*, image_size: int, eval_scale: int, mean: Sequence[float], std: Sequence[float],
+                   input_range: float = 1.0) -> TestView:
     """Section 3.2 single-crop test: smaller side to Q = eval_scale, centre image_size crop, normalise.
 
-    Deterministic; returns a float32 tensor 3 x image_size x image_size.
+    Deterministic; returns a float32 tensor 3 x image_size x image_size (see `TestView`).
     """
-    _check_sizes(image_size, (eval_scale,))
-    return v2.Compose([
-        v2.Resize(eval_scale, antialias=True),
-        v2.CenterCrop(image_size),
-        *_to_float(),
-        v2.Normalize(mean=list(mean), std=list(std)),
-        v2.ToPureTensor(),
-    ])
+    return TestView(image_size=image_size, test_scale=eval_scale, mean=mean, std=std, input_range=input_range)
