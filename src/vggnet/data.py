@@ -1,25 +1,31 @@
-"""Where training images come from: embedded digits, CIFAR, an ImageFolder tree, or synthetic data.
+"""Where training images come from: embedded digits, CIFAR, an ImageFolder tree, the study's task,
+or synthetic data; and the one image decoder every verb uses.
 
 Nothing is downloaded (the machine is offline and users' data is theirs). `build_data` turns a
 `--data` value into a `DataBundle` of train/val/test datasets with the paper's augmentation
 (section 3.1, see transforms.py) on train and a deterministic single crop on val/test;
-`eval_images` gives the same splits un-augmented, at native size, for the test protocols of
-section 3.2 (dense, multi-crop, multi-scale), which rescale the images themselves.
+`eval_images` gives the same splits un-augmented, at native size, as uint8 pixels, for the test
+protocols of section 3.2 (dense, multi-crop, multi-scale), which rescale the images themselves.
 
 Forms of `data`:
 - None or "digits": scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels), upsampled
   bilinearly to 32x32 and replicated to RGB; a seeded stratified 70/10/20 train/val/test split
   (1,258 / 180 / 359 images; every class split in the same proportions).
 - "synthetic": seeded class-dependent patterns plus noise, 10 classes (for tests and benchmarks).
+- "study": the study's task (vggnet.studydata.build_splits), held in memory.
 - a directory holding CIFAR-10 or CIFAR-100 in the python format (`cifar-10-batches-py/`,
   `cifar-100-python/`, or that folder itself): val is a seeded stratified 10% of the training
   batches, test is the test batch.
-- a directory holding an ImageFolder tree: `train/CLASS/*`, `val/CLASS/*`, optional `test/CLASS/*`
-  (JPEG or PNG, any case of extension; the ImageNet layout).
+- a directory holding an ImageFolder tree: `train/CLASS/*`, optional `val/CLASS/*` (without it a
+  seeded stratified 10% of train/ is held out), optional `test/CLASS/*` (the ImageNet layout).
+  Crop size, training scale S and test scale Q follow the images' sizes unless given
+  (`sizes_for_images`).
 
-Small in-memory data (digits, CIFAR) is kept as one uint8 tensor, so an item costs one transform
-call; files are decoded with PIL, JPEGs at reduced DCT scale (`Image.draft`) when the target size
-is at most half the stored size. Every dataset pickles cheaply for DataLoader worker processes.
+Images are decoded by `open_image` alone (training, mean/std, eval, predict): every pixel format
+PIL reads becomes the RGB picture it holds or is refused by name, and hostile headers (decompression
+bombs, truncated or malformed files) are refused with one line naming the file. Small in-memory
+data (digits, CIFAR, the study) is kept as one uint8 tensor, so an item costs one transform call;
+every dataset pickles cheaply for DataLoader worker processes.
 """
 
 from __future__ import annotations
@@ -27,44 +33,228 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Callable
+import threading
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from .errors import UserError
+from .model import MIN_INPUT_SIZE
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "DIGITS_FRACTIONS",
+    "HOLDOUT_FRACTION",
     "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
     "DataBundle",
     "ImageFileDataset",
     "SyntheticDataset",
     "TensorImageDataset",
     "build_data",
     "default_sizes",
+    "eval_draft",
     "eval_images",
+    "image_size_of",
+    "open_image",
+    "sizes_for_images",
 ]
 
 log = logging.getLogger("vggnet")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The picture files vggnet reads, by extension and by PIL format. Only these raster formats are
+# parsed: PIL's other plugins include PostScript/PDF (which run Ghostscript) and rarely used
+# parsers that are no part of a photo collection.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")   # JPEG includes multi-picture MPO
+# Decompression bombs: a header may claim any size, and decoding it allocates width x height x 3
+# bytes. 64 megapixels (8192 x 8192, 192 MiB as RGB) is above every camera photo and ImageNet
+# image and below PIL's own warning (89 Mpx); larger files are refused by name before decoding.
+MAX_PIXELS = 8192 * 8192
+# Transparent pixels are composited over white: the page colour that images with alpha (logos,
+# scans, screenshots) are made to be seen on, and what browsers and viewers show.
+ALPHA_BACKGROUND = (255, 255, 255)
 DIGITS_FRACTIONS = (0.7, 0.1, 0.2)          # train / val / test, per class
 CIFAR_VAL_FRACTION = 0.1                    # held out of the training batches, per class
+HOLDOUT_FRACTION = 0.1                      # ImageFolder without val/: held out of train/, per class
 STATS_SAMPLE = 500                          # ImageFolder images used to estimate mean/std
 STATS_SIZE = 64                             # ... each resized to 64x64 first
+SIZES_SAMPLE = 200                          # ImageFolder headers read to choose crop, S and Q
 SPLITS = ("train", "val", "test")
 _EXPECTED = ("a CIFAR-10/100 python-format directory (cifar-10-batches-py/ or cifar-100-python/) "
-             "or an ImageFolder tree (DIR/train/CLASS/*, DIR/val/CLASS/*, JPEG or PNG)")
+             "or an ImageFolder tree (DIR/train/CLASS/*.jpg, optional DIR/val/CLASS/*, DIR/test/CLASS/*)")
 _WARN_LINES = 20                            # per-file warnings before only the total is logged
+_OPEN_LOCK = threading.Lock()               # guards the warnings filter while PIL parses a header
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """PIL's lazy open (header only) of one of IMAGE_FORMATS, with decompression bombs refused.
+
+    PIL warns (DecompressionBombWarning) above its own limit and raises at twice that; the warning
+    is made an error for this call only (under a lock: the warnings filter is process-wide, and
+    datasets decode from threads), then MAX_PIXELS, lower than PIL's, is applied to the header size.
+    """
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(path, formats=IMAGE_FORMATS)
+    try:
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ValueError(f"its header gives an empty {w} x {h} picture")
+        if w * h > MAX_PIXELS:
+            raise Image.DecompressionBombError(f"its header claims {w} x {h} = {w * h / 1e6:.0f} megapixels")
+        yield im
+    finally:
+        im.close()
+
+
+def _refusal(path: str | os.PathLike, e: BaseException) -> UserError:
+    """One line naming the file and what was wrong with it, for any failure while decoding."""
+    if isinstance(e, UserError):
+        return e
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"image not found: {path}")
+    if isinstance(e, IsADirectoryError):
+        return UserError(f"expected an image file, got the directory {path}")
+    if isinstance(e, PermissionError):
+        return UserError(f"cannot read image {path}: permission denied")
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return UserError(f"refusing image {path}: a decompression bomb ({_first_line(e)}); vggnet decodes "
+                         f"at most {MAX_PIXELS / 2**20:.0f} Mi pixels ({int(MAX_PIXELS ** 0.5)} x {int(MAX_PIXELS ** 0.5)})")
+    kind = _sniff(path)
+    if isinstance(e, UnidentifiedImageError) and kind is None:
+        return UserError(f"cannot read image {path}: not a picture vggnet reads "
+                         f"(expected {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]})")
+    return UserError(f"cannot decode image {path}: a corrupt or truncated {kind or 'image'} file "
+                     f"({type(e).__name__}: {_first_line(e)})")
+
+
+# The first bytes of each format vggnet reads, to name the format of a file PIL could not parse.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WEBP"), (b"P1", "PPM"), (b"P2", "PPM"),
+          (b"P3", "PPM"), (b"P4", "PPM"), (b"P5", "PPM"), (b"P6", "PPM"))
+
+
+def _sniff(path: str | os.PathLike) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head.startswith(b"RIFF") and head[8:12] != b"WEBP":
+        return None
+    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
+
+
+def open_image(path: str | os.PathLike, *, draft: int | None = None) -> Image.Image:
+    """Decode an image file to the RGB picture it holds (8 bits per channel, EXIF orientation applied).
+
+    The one decoder of the project: training, the mean/std estimate, `eval`, `predict` and
+    `features` all read pixels here. Pixel formats: 1-bit, grey, palette, CMYK and YCbCr become RGB;
+    transparency (alpha, palette or colour-key) is composited over ALPHA_BACKGROUND (white); 16-bit
+    grey is scaled by its full range (65535 -> 255, not clipped); 32-bit integer grey the same when
+    its values fit 16 bits, else its actual [min, max] is stretched to [0, 255]; float grey in
+    [0, 1] is taken as intensities, other finite ranges are stretched, NaN/inf are refused. Animated
+    GIF/PNG and multi-page TIFF give their first frame. `draft`: the smallest side the caller needs;
+    a JPEG is then decoded at 1/2, 1/4 or 1/8 scale when both sides stay >= draft (much faster on
+    large photos). Any failure (missing, not a picture, truncated, hostile header, more than
+    MAX_PIXELS) raises UserError naming the file.
+    """
+    try:
+        with _opened(path) as im:
+            if draft and im.format in ("JPEG", "MPO"):
+                im.draft(im.mode, (draft, draft))       # DCT-domain downscale; both sides stay >= draft
+            orientation = _orientation(im)
+            rgb = _to_rgb(im)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
+        raise _refusal(path, e) from None
+    return rgb.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else rgb
+
+
+def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header alone (no decoding); UserError naming a bad file."""
+    try:
+        with _opened(path) as im:
+            return im.size
+    except Exception as e:
+        raise _refusal(path, e) from None
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the picture upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation, 1 (as stored) when there is none or the EXIF block is unreadable:
+    a damaged EXIF block leaves the pixels themselves intact, so it is not a reason to refuse them."""
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """The picture an opened image holds, as 8-bit RGB (first frame); ValueError for other modes."""
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    mode = im.mode
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or ("transparency" in im.info and mode in ("1", "L", "P", "RGB")):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if mode in ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return im.convert("RGB")
+    if mode == "I" or mode.startswith("I;16"):
+        return Image.fromarray(_int_to_uint8(np.asarray(im)), mode="L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_float_to_uint8(np.asarray(im, dtype=np.float64)), mode="L").convert("RGB")
+    raise ValueError(f"pixel mode {mode} is not supported (expected 1-bit, grey, palette, RGB, CMYK, YCbCr, LAB, "
+                     f"16/32-bit grey or float grey, with or without alpha)")
+
+
+def _int_to_uint8(x: np.ndarray) -> np.ndarray:
+    """16-bit grey -> 8 bits over the format's full range (x / 257: 0 -> 0, 65535 -> 255); 32-bit
+    grey the same when it fits 16 bits (PIL reads 16-bit PNGs as 32-bit), else its [min, max]."""
+    x = x.astype(np.float64)
+    if x.size and (x.min() < 0 or x.max() > 65535):
+        return _stretch(x)
+    return np.round(x / 257).astype(np.uint8)
+
+
+def _float_to_uint8(x: np.ndarray) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise ValueError("float pixels include NaN or infinity")
+    if x.size and x.min() >= 0 and x.max() <= 1:
+        return np.round(x * 255).astype(np.uint8)       # intensities in [0, 1], kept as they are
+    return _stretch(x)
+
+
+def _stretch(x: np.ndarray) -> np.ndarray:
+    """Map the image's actual [min, max] linearly onto [0, 255] (a constant image becomes black)."""
+    lo, hi = float(x.min()), float(x.max())
+    return np.round((x - lo) * (255 / (hi - lo) if hi > lo else 0.0)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -72,30 +262,31 @@ _WARN_LINES = 20                            # per-file warnings before only the 
 class TensorImageDataset(Dataset):
     """Images held in memory as one uint8 tensor N x 3 x H x W; items (transform(image), label).
 
-    With transform=None an item is the float32 image in [0, 1] (what `eval_images` returns).
+    With transform=None an item is the uint8 image itself (what `eval_images` returns).
     """
 
     def __init__(self, *, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
-        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, \
-            f"images must be uint8 N x 3 x H x W, got {images.dtype} {tuple(images.shape)}"
-        assert len(images) == len(labels), f"{len(images)} images but {len(labels)} labels"
-        self.images, self.labels, self.transform = images, labels.long(), transform
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 N x 3 x H x W, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, torch.as_tensor(labels).long(), transform
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
-        return (self.transform(img) if self.transform else img.float().div_(255)), int(self.labels[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
 class ImageFileDataset(Dataset):
-    """Image files decoded with PIL to RGB; items (transform(PIL image), label), label -1 if unknown.
+    """Image files decoded by `open_image`; items (transform(PIL RGB image), label), label -1 if unknown.
 
-    `draft`: the smallest side the transform needs; JPEGs are decoded at 1/2, 1/4 or 1/8 scale
-    when that still leaves both sides >= draft (much faster on large photos). Files that fail to
-    decode here despite passing the indexing check are replaced by the next item and logged
-    (counted in `failed`, per process), or raise UserError naming the file when strict.
+    With transform=None an item is the uint8 tensor 3 x H x W. `draft`: the smallest side the
+    transform needs (see `open_image`). Files that fail to decode here despite passing the
+    indexing check are replaced by the next item and logged (counted in `failed`, per process),
+    or raise UserError naming the file when strict.
     """
 
     def __init__(self, *, samples: list[tuple[str, int]], transform: Callable | None = None,
@@ -111,14 +302,14 @@ class ImageFileDataset(Dataset):
         for k in range(len(self.samples)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                img = _load_rgb(path, self.draft)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+                img = open_image(path, draft=self.draft)
+            except UserError as e:
                 if self.strict:
-                    raise UserError(f"expected a readable JPEG or PNG image, got a corrupt file: {path} ({e})") from None
+                    raise UserError(f"{e}; run without --strict to skip such files") from None
                 self.failed += 1
-                log.warning("skipping unreadable image %s (%s)", path, e)
+                log.warning("skipping unreadable image: %s", e)
                 continue
-            return (self.transform(img) if self.transform else _pil_to_float(img)), label
+            return (self.transform(img) if self.transform else F.pil_to_tensor(img)), label
         raise UserError(f"expected readable images, but none of the {len(self.samples)} files could be decoded")
 
 
@@ -127,6 +318,7 @@ class SyntheticDataset(Dataset):
     mirror-symmetric (so the paper's horizontal flip keeps the class), upsampled to image_size,
     plus per-image Gaussian noise. Item i of split `split` is a pure function of (seed, split, i);
     label = i % num_classes (balanced). Generated on the fly, so memory stays flat at any size.
+    With transform=None an item is the uint8 image.
     """
 
     def __init__(self, *, size: int, image_size: int, num_classes: int = 10, seed: int = 0,
@@ -153,7 +345,7 @@ class SyntheticDataset(Dataset):
         if not 0 <= i < self.size:
             raise IndexError(i)
         img = self._image(i)
-        return (self.transform(img) if self.transform else img.float().div_(255)), int(self.labels[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -162,9 +354,9 @@ class SyntheticDataset(Dataset):
 class DataBundle:
     """Everything training needs from the data: three datasets and the numbers that made them."""
 
-    name: str                                   # "digits" | "cifar10" | "cifar100" | "imagefolder" | "synthetic"
+    name: str                                   # "digits" | "cifar10" | "cifar100" | "imagefolder" | "synthetic" | "study"
     train: Dataset                              # augmented (section 3.1), normalised
-    val: Dataset                                # deterministic single centre crop at eval_scale
+    val: Dataset                                # deterministic single centre crop at Q
     test: Dataset | None                        # like val; None for an ImageFolder without test/
     num_classes: int
     class_names: list[str]
@@ -174,10 +366,18 @@ class DataBundle:
     train_scale: tuple[int, int]                # (S_min, S_max); equal for fixed-scale training
     eval_scale: int                             # Q of val/test
     skipped: int = 0                            # corrupt or unreadable images left out while indexing
-    data: str | None = None                     # the data source: None (digits), "synthetic" or an absolute path
+    data: str | None = None                     # the data source: None (digits), "synthetic", "study" or an absolute path
     seed: int = 0                               # the split seed
     synthetic_size: int | None = None
     hflip: bool = True                          # random horizontal flips in training (test-time flips follow it)
+    sizes_reason: str = ""                      # one line for the log: the crop, S and Q, and why
+    suggested_head: str | None = None           # "compact" when the crops are small; None: no opinion
+    holdout: float | None = None                # fraction of train/ held out as val (ImageFolder without val/)
+
+    @property
+    def test_scale(self) -> int:
+        """Q of val/test (the CLI's --test-scale)."""
+        return self.eval_scale
 
     def meta(self) -> dict:
         """Plain data (JSON, YAML and weights_only safe) describing how to rebuild the same inputs."""
@@ -191,7 +391,7 @@ class DataBundle:
 
 
 def default_sizes(name: str, image_size: int | None = None) -> tuple[int, tuple[int, int], int]:
-    """(image_size, train_scale, eval_scale) defaults for a source.
+    """(image_size, train_scale, eval_scale) defaults for a source whose image size is known by name.
 
     Small images (digits, CIFAR, synthetic up to 64 px): crop = the native 32 px, S jittered in
     [crop, 1.5 crop], Q = crop (the whole image). Photos (ImageFolder, synthetic above 64 px): the
@@ -206,26 +406,53 @@ def default_sizes(name: str, image_size: int | None = None) -> tuple[int, tuple[
     return size, (s, s), s
 
 
+def sizes_for_images(short_side: int) -> tuple[int, tuple[int, int], int, str]:
+    """(crop, (S_min, S_max), Q, why) for images whose typical smaller side is `short_side` px.
+
+    Photos (>= 224 px): the paper's 224 crops at fixed S = Q = 256 (section 3.1). Smaller images
+    train at their own size: the crop is the largest multiple of 32 that fits (VGG's five 2x2
+    max-pools then divide it exactly; 32 is the least the net accepts, smaller images are
+    upsampled to it), S is jittered in [crop, max(1.5 crop, side)] as for CIFAR, and Q is the
+    images' own side, so a typical test image is not resampled at all.
+    """
+    if short_side >= 224:
+        return 224, (256, 256), 256, "photos: the paper's 224 px crops at S = Q = 256"
+    crop = max(32, short_side // 32 * 32)
+    s_max = max(crop * 3 // 2, short_side)
+    q = max(crop, short_side)
+    why = ("small images: crop = the largest multiple of 32 that fits, S jittered up to 1.5x, Q = their own size; "
+           "train with the compact head (--head compact)")
+    return crop, (crop, s_max), q, why
+
+
 def build_data(data: str | None = None, *, image_size: int | None = None,
                train_scale: tuple[int, int] | None = None, eval_scale: int | None = None,
-               mean_std: str = "dataset", lighting: float = 0.1, strict: bool = False, seed: int = 0,
-               synthetic_size: int = 512, hflip: bool | None = None) -> DataBundle:
+               test_scale: int | None = None, mean_std: str = "dataset", lighting: float = 0.1,
+               strict: bool = False, seed: int = 0, synthetic_size: int = 512,
+               hflip: bool | None = None) -> DataBundle:
     """Open a data source and wrap its splits in the paper's train and test transforms.
 
+    Sizes left as None follow the data (`default_sizes`, `sizes_for_images`; the reason is in
+    `sizes_reason`). test_scale is eval_scale under the CLI's name (either may be given).
     mean_std: "dataset" (per-channel mean/std of the training split; ImageFolder: estimated on a
     seeded sample of up to 500 training images) or "imagenet". lighting: std of the PCA colour
     shift, 0 disables it. hflip: random horizontal flip; None means on, except for digits (a
     mirrored digit is not that digit). Bad input raises UserError.
     """
+    q_given = _one_test_scale(eval_scale, test_scale)
     if mean_std not in ("dataset", "imagenet"):
-        raise UserError(f"mean_std must be 'dataset' or 'imagenet', got {mean_std!r}")
-    if lighting < 0:
-        raise UserError(f"lighting must be >= 0 (0 disables the colour shift), got {lighting}")
+        raise UserError(f"mean_std (--set mean_std=) must be 'dataset' or 'imagenet', got {mean_std!r}")
+    if not np.isfinite(lighting) or lighting < 0:
+        raise UserError(f"--lighting must be a finite number >= 0 (0 disables the colour shift), got {lighting}")
     if synthetic_size < 1:
-        raise UserError(f"synthetic_size must be >= 1, got {synthetic_size}")
+        raise UserError(f"--synthetic-size must be >= 1, got {synthetic_size}")
     name, root = _detect(data, allow_eval_only=False)
-    size, scale, q = _resolve_sizes(name, image_size, train_scale, eval_scale)
-    src = _open(name, root, splits=SPLITS, seed=seed, strict=strict, synthetic_size=synthetic_size, native=q)
+    native = _resolve_sizes(name, None, image_size, train_scale, q_given)[2] if name == "synthetic" else 0
+    src = _open(name, root, splits=SPLITS, seed=seed, strict=strict, synthetic_size=synthetic_size, native=native)
+    size, scale, q, reason = _resolve_sizes(name, src, image_size, train_scale, q_given)
+    if src.holdout:
+        reason += (f"; no val/ folder: a seeded stratified {src.holdout:.0%} of train/ ({len(src.splits['val'])} "
+                   f"images) is held out for validation")
 
     if mean_std == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -237,19 +464,30 @@ def build_data(data: str | None = None, *, image_size: int | None = None,
     ev = eval_transform(image_size=size, eval_scale=q, mean=mean, std=std)
     for split in ("val", "test"):
         if src.splits.get(split) is not None:
-            _set_transform(src.splits[split], ev, draft=max(q, size))
+            _set_transform(src.splits[split], ev, draft=eval_draft(size, q))
     return DataBundle(name=name, train=src.splits["train"], val=src.splits["val"], test=src.splits.get("test"),
                       num_classes=len(src.class_names), class_names=src.class_names, mean=tuple(mean),
                       std=tuple(std), image_size=size, train_scale=scale, eval_scale=q, skipped=src.skipped,
                       data=str(root) if root else (None if name == "digits" else name),
-                      seed=seed, synthetic_size=synthetic_size if name == "synthetic" else None, hflip=flip)
+                      seed=seed, synthetic_size=synthetic_size if name == "synthetic" else None, hflip=flip,
+                      sizes_reason=reason, suggested_head="compact" if size < 224 else None, holdout=src.holdout)
+
+
+def eval_draft(image_size: int, test_scale: int) -> int:
+    """The smallest side a val/test image is decoded at: a JPEG is never decoded below what the
+    test view rescales it to (Q) nor below the crop. `eval_images(draft=...)` takes the same."""
+    return max(test_scale, image_size)
 
 
 def eval_images(data: str | None, split: str = "test", *, seed: int = 0, strict: bool = False,
-                image_size: int | None = None, synthetic_size: int = 512) -> tuple[Dataset, list[str]]:
+                image_size: int | None = None, synthetic_size: int = 512,
+                draft: int | None = None) -> tuple[Dataset, list[str]]:
     """Un-augmented, un-normalised images at native size for the test protocols (section 3.2).
 
-    Items: (float32 3 x H x W in [0, 1], label). Same splits as build_data with the same seed.
+    Items: (uint8 3 x H x W RGB, label). Same splits as build_data with the same seed (an
+    ImageFolder without val/ holds out the same 10% of train/). `draft`: the smallest side the
+    caller will rescale to (the largest Q it tests at); files are decoded by `open_image` with it,
+    so at training's own Q the pixels are exactly those of training's val/test (`eval_draft`).
     An ImageFolder without test/ falls back to val (the paper's "test" numbers are ImageNet val).
     Also accepts a directory of class folders (labelled by folder), or a plain directory of
     images or a single image file (label -1, no class names) for predict-style use.
@@ -260,14 +498,17 @@ def eval_images(data: str | None, split: str = "test", *, seed: int = 0, strict:
     if name in ("images", "classfolders"):
         samples, classes, _ = _index_loose(root, strict=strict, labelled=name == "classfolders")
         if not samples:
-            raise UserError(f"expected JPEG or PNG images in {data}, found no readable ones")
-        return ImageFileDataset(samples=samples, strict=strict), classes
+            raise UserError(f"expected images ({', '.join(IMAGE_EXTENSIONS)}) in {data}, found no readable ones")
+        return ImageFileDataset(samples=samples, strict=strict, draft=draft), classes
     if name == "imagefolder" and split == "test" and not (root / "test").is_dir():
         log.warning("%s has no test/ folder; evaluating on val/", root)
         split = "val"
-    q = _resolve_sizes(name, image_size, None, None)[2]
-    src = _open(name, root, splits=(split,), seed=seed, strict=strict, synthetic_size=synthetic_size, native=q)
-    return src.splits[split], src.class_names
+    native = _resolve_sizes(name, None, image_size, None, None)[2] if name == "synthetic" else 0
+    src = _open(name, root, splits=(split,), seed=seed, strict=strict, synthetic_size=synthetic_size, native=native)
+    ds = src.splits[split]
+    if isinstance(ds, ImageFileDataset):
+        ds.draft = draft
+    return ds, src.class_names
 
 
 # ----------------------------------------------------------------------------- sources
@@ -277,47 +518,131 @@ class _Source:
     splits: dict[str, Dataset | None]
     class_names: list[str]
     skipped: int = 0
+    holdout: float | None = None            # the fraction of train/ held out as val, if any
 
 
 def _detect(data: str | os.PathLike | None, *, allow_eval_only: bool) -> tuple[str, Path | None]:
     """Name the kind of source `data` is, or raise UserError saying what was expected."""
     if data is None or str(data) == "digits":
         return "digits", None
-    if str(data) == "synthetic":
-        return "synthetic", None
+    if str(data) in ("synthetic", "study"):
+        return str(data), None
     root = Path(data).expanduser().resolve()
     if not root.exists():
-        raise UserError(f"data directory {data} does not exist; expected {_EXPECTED}, 'synthetic', or no --data for the digits")
+        raise UserError(f"--data {data} does not exist; expected {_EXPECTED}, 'synthetic', 'study', "
+                        f"or no --data for the digits")
     if root.is_file():
         if allow_eval_only and root.suffix.lower() in IMAGE_EXTENSIONS:
             return "images", root
-        raise UserError(f"expected a data directory, got the file {data}")
+        raise UserError(f"--data expects a data directory, got the file {data}")
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     if not entries:
-        raise UserError(f"data directory {data} is empty; expected {_EXPECTED}")
+        raise UserError(f"--data {data} is an empty directory; expected {_EXPECTED}")
     cifar = _cifar_dir(root)
     if cifar:
         return cifar
     if (root / "train").is_dir() or (allow_eval_only and (root / "val").is_dir()):
-        if not allow_eval_only and not (root / "val").is_dir():
-            raise UserError(f"ImageFolder {data} has train/ but no val/; expected DIR/val/CLASS/* next to DIR/train/CLASS/*")
         return "imagefolder", root
     if allow_eval_only:
         if any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries):
             return "images", root
         if any(p.is_dir() for p in entries):
             return "classfolders", root
-    raise UserError(f"data directory {data} is neither CIFAR nor ImageFolder; expected {_EXPECTED}")
+    raise UserError(f"--data {data} is neither CIFAR nor an ImageFolder tree; expected {_EXPECTED}")
 
 
-def _resolve_sizes(name: str, image_size, train_scale, eval_scale) -> tuple[int, tuple[int, int], int]:
-    size, scale, q = default_sizes(name, image_size)
-    scale = tuple(int(s) for s in train_scale) if train_scale is not None else scale
-    q = int(eval_scale) if eval_scale is not None else q
-    if size < 1 or len(scale) != 2 or not size <= scale[0] <= scale[1] or q < size:
-        raise UserError(f"expected image_size <= S_min <= S_max and image_size <= eval_scale, got image_size={size}, "
-                        f"train_scale={scale}, eval_scale={q}")
-    return size, scale, q
+def _one_test_scale(eval_scale, test_scale) -> int | None:
+    if eval_scale is not None and test_scale is not None and int(eval_scale) != int(test_scale):
+        raise UserError(f"the test scale is given twice with different values: {eval_scale} and {test_scale}")
+    return test_scale if test_scale is not None else eval_scale
+
+
+MAX_SCALE = 4096    # 8x the paper's largest scale (512); a 4096 px float image is already ~270 MB
+
+
+def _int(value, flag: str) -> int:
+    """An integer size from a flag or a recipe (YAML may give floats or strings), refused by flag name."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} expects an integer number of pixels, got {value!r}") from None
+    if not np.isfinite(f) or f != int(f):
+        raise UserError(f"{flag} expects an integer number of pixels, got {value!r}")
+    if not 1 <= f <= MAX_SCALE:
+        raise UserError(f"{flag} must be between 1 and {MAX_SCALE} px, got {int(f)}")
+    return int(f)
+
+
+def _train_scale(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (int, float, str)) else list(value)
+    if len(items) not in (1, 2):
+        raise UserError(f"--train-scale expects S or S_MIN S_MAX, got {' '.join(map(str, items)) or 'nothing'}")
+    scale = tuple(_int(s, "--train-scale") for s in items)
+    scale = (scale[0], scale[-1])
+    if scale[0] > scale[1]:
+        raise UserError(f"--train-scale S_MIN S_MAX needs S_MIN <= S_MAX, got {scale[0]} {scale[1]}")
+    return scale
+
+
+def _resolve_sizes(name: str, src: _Source | None, image_size, train_scale,
+                   test_scale) -> tuple[int, tuple[int, int], int, str]:
+    """(crop, (S_min, S_max), Q, the reason for the log): the user's values where given, else the data's."""
+    size = _int(image_size, "--image-size") if image_size is not None else None
+    scale = _train_scale(train_scale)
+    q = _int(test_scale, "--test-scale") if test_scale is not None else None
+    if size is not None and size < MIN_INPUT_SIZE:
+        raise UserError(f"--image-size must be >= {MIN_INPUT_SIZE} (VGG's five 2x2 max-pools), got {size}")
+    if name == "imagefolder":
+        d_size, d_scale, d_q, what, why = _imagefolder_sizes(src, size)
+    elif name == "study":
+        canvas = int(src.splits["train"].images.shape[-1])
+        d_size, d_scale, d_q = size or canvas, (canvas, canvas), canvas
+        what, why = f"the study's images are {canvas}x{canvas} px", "the whole canvas, fixed scale"
+    else:
+        d_size, d_scale, d_q = default_sizes(name, size)
+        what = f"{name} images are {d_q}x{d_q} px" if d_q < 224 else f"{name} images"
+        why = "the whole image, S jittered up to 1.5x" if d_q < 224 else "the paper's 224 px crops at S = Q = 256"
+    size, scale, q = size or d_size, scale or d_scale, q or d_q
+    _check_fit(size, scale, q, size_given=image_size is not None)
+    given = [f for f, v in (("--image-size", image_size), ("--train-scale", train_scale), ("--test-scale", test_scale))
+             if v is not None]
+    s_text = f"S in [{scale[0]}, {scale[1]}]" if scale[0] != scale[1] else f"S = {scale[0]}"
+    reason = f"{what}: crop {size}, {s_text}, Q {q} ({why}" + (f"; {', '.join(given)} as given)" if given else ")")
+    return size, scale, q, reason
+
+
+def _check_fit(size: int, scale: tuple[int, int], q: int, *, size_given: bool) -> None:
+    crop = f"--image-size {size}" if size_given else f"the crop ({size} px, chosen for this data; set --image-size)"
+    if size > scale[0]:
+        raise UserError(f"{crop} must be <= the training scale S (--train-scale {scale[0]} {scale[1]}): "
+                        f"the crop is cut from the image rescaled so its smaller side is S")
+    if q < size:
+        raise UserError(f"--test-scale {q} must be >= {crop}: the centre crop is cut from the image "
+                        f"rescaled so its smaller side is Q")
+
+
+def _imagefolder_sizes(src: _Source, size: int | None) -> tuple[int, tuple[int, int], int, str, str]:
+    """Defaults from the headers of a seeded sample of training images (no decoding)."""
+    samples = src.splits["train"].samples
+    pick = np.random.default_rng(0).choice(len(samples), size=min(len(samples), SIZES_SAMPLE), replace=False)
+    dims = []
+    for i in sorted(pick):
+        try:
+            dims.append(image_size_of(samples[i][0]))
+        except UserError:
+            continue                                    # unreadable now: counts for nothing
+    if not dims:
+        raise UserError("expected readable training images to choose the crop size, found none")
+    w, h = (int(np.median([d[k] for d in dims])) for k in (0, 1))
+    short = int(np.median([min(d) for d in dims]))
+    crop, scale, q, why = sizes_for_images(short)
+    if size is not None and size != crop:                 # a given crop: S and Q in proportion (photos)
+        crop, scale, q = (size, (round(size * 256 / 224),) * 2, round(size * 256 / 224)) if short >= 224 else \
+            (size, (size, max(size * 3 // 2, short)), max(size, short))
+    what = f"images are {w}x{h} px (median of {len(dims)} sampled; smaller side {short} px)"
+    return crop, scale, q, what, why
 
 
 def _open(name: str, root: Path | None, *, splits, seed: int, strict: bool, synthetic_size: int,
@@ -328,9 +653,27 @@ def _open(name: str, root: Path | None, *, splits, seed: int, strict: bool, synt
         n = {"train": synthetic_size, "val": max(10, synthetic_size // 4), "test": max(10, synthetic_size // 4)}
         return _Source({s: SyntheticDataset(size=n[s], image_size=native, seed=seed, split=s) for s in splits},
                        [f"class_{k}" for k in range(10)])
+    if name == "study":
+        return _study(seed)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root, splits, seed)
-    return _imagefolder(root, splits, strict)
+    return _imagefolder(root, splits, strict, seed)
+
+
+def _study(seed: int) -> _Source:
+    """The study's task (vggnet.studydata.build_splits): uint8 N x 3 x H x W tensors per split."""
+    try:
+        from .studydata import build_splits
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.studydata":
+            raise
+        raise UserError("--data study needs vggnet.studydata (the study's task), which this install lacks") from None
+    splits, class_names = build_splits(seed=seed)
+    out = {s: TensorImageDataset(images=x, labels=y) for s, (x, y) in splits.items() if s in SPLITS}
+    if "train" not in out or "val" not in out:
+        raise ValueError(f"studydata.build_splits must give train and val splits, gave {sorted(splits)}")
+    out.setdefault("test", None)
+    return _Source(out, list(class_names))
 
 
 def _stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -458,27 +801,59 @@ def _cifar(name: str, root: Path, splits, seed: int) -> _Source:
 
 # --------------------------------------------------------------------------- ImageFolder
 
-def _imagefolder(root: Path, splits, strict: bool) -> _Source:
-    """Index DIR/{train,val,test}/CLASS/*: classes sorted by folder name, taken from train/."""
+def _imagefolder(root: Path, splits, strict: bool, seed: int) -> _Source:
+    """Index DIR/{train,val,test}/CLASS/*: classes sorted by folder name, taken from train/.
+
+    Without val/, a seeded stratified HOLDOUT_FRACTION of train/ becomes val (`_holdout`).
+    """
     class_dir = root / "train" if (root / "train").is_dir() else root / "val"
     classes = _class_folders(class_dir)
     out: dict[str, Dataset | None] = {}
     skipped = 0
+    holdout = not (root / "val").is_dir()
+    if holdout and ("train" in splits or "val" in splits):
+        samples, skipped = _index_split(root / "train", classes, class_dir, strict)
+        parts = _holdout(np.array([label for _, label in samples]), HOLDOUT_FRACTION, seed)
+        if len(parts[1]) == 0:
+            raise UserError(f"{root} has no val/ folder and too few images per class in train/ to hold one out "
+                            f"(a class needs >= 2 images); add {root / 'val'}/CLASS/* next to train/")
+        for split, idx in zip(("train", "val"), parts):
+            out[split] = ImageFileDataset(samples=[samples[i] for i in idx], strict=strict)
     for split in splits:
+        if split in out:
+            continue
         d = root / split
         if not d.is_dir():
             if split == "test":
                 out["test"] = None
                 continue
             raise UserError(f"expected the ImageFolder split folder {d} (DIR/{split}/CLASS/*), it does not exist")
-        found = _class_folders(d)
-        if found != classes:
-            extra, lacking = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-            raise UserError(f"{d} must have the same class folders as {class_dir}: "
-                            f"missing {lacking or 'none'}, unexpected {extra or 'none'}")
-        samples, n_bad = _index_classes(d, classes, strict)
+        samples, n_bad = _index_split(d, classes, class_dir, strict)
         out[split], skipped = ImageFileDataset(samples=samples, strict=strict), skipped + n_bad
-    return _Source(out, classes, skipped)
+    return _Source(out, classes, skipped, HOLDOUT_FRACTION if holdout else None)
+
+
+def _index_split(d: Path, classes: list[str], class_dir: Path, strict: bool) -> tuple[list[tuple[str, int]], int]:
+    found = _class_folders(d)
+    if found != classes:
+        extra, lacking = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        raise UserError(f"{d} must have the same class folders as {class_dir}: "
+                        f"missing {lacking or 'none'}, unexpected {extra or 'none'}")
+    return _index_classes(d, classes, strict)
+
+
+def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices: per class round(fraction * n) images, at least one of a class
+    with two or more (so every class is validated), none of a class with one. A pure function of
+    seed (numpy's PCG64, as `_stratified_split`); sorted index arrays."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = max(1, int(round(fraction * len(idx)))) if len(idx) >= 2 else 0
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
 def _class_folders(d: Path) -> list[str]:
@@ -503,7 +878,7 @@ def _index_classes(d: Path, classes: list[str], strict: bool) -> tuple[list[tupl
     for label, c in enumerate(classes):
         found = _image_files(d / c)
         if not found:
-            raise UserError(f"class folder {d / c} has no images; expected JPEG or PNG files ({', '.join(IMAGE_EXTENSIONS)})")
+            raise UserError(f"class folder {d / c} has no images; expected image files ({', '.join(IMAGE_EXTENSIONS)})")
         files += [(p, label) for p in found]
     good = _verify([p for p, _ in files], strict)
     samples = [(str(p), label) for (p, label), ok in zip(files, good) if ok]
@@ -526,25 +901,27 @@ def _index_loose(root: Path, *, strict: bool, labelled: bool) -> tuple[list[tupl
 
 
 def _check_image(path: Path) -> str | None:
-    """Why the file is not a usable image, or None. Cheap: header parse, PIL's verify (PNG chunk
-    CRCs up to IEND) and, for JPEG, an end-of-image marker at the end (a truncated JPEG has none;
-    when it is absent a reduced-scale decode decides, so files with trailing bytes still pass)."""
+    """Why the file is not a usable image (a one-line message naming it), or None.
+
+    Cheap for JPEG and PNG: the header (format, size limit), PIL's verify (PNG chunk CRCs up to
+    IEND) and, for JPEG, an end-of-image marker at the end (a truncated JPEG has none; when it is
+    absent a 1/8-scale decode decides, so files with trailing bytes still pass). Other formats
+    (rare in photo collections) are decoded in full by `open_image`.
+    """
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             fmt = im.format
             im.verify()
-        if fmt == "JPEG":
+        if fmt in ("JPEG", "MPO"):
             with open(path, "rb") as f:
                 f.seek(max(0, os.path.getsize(path) - 64))
                 tail = f.read()
             if b"\xff\xd9" not in tail:
-                with Image.open(path) as im:
-                    im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-                    im.load()
-        elif fmt not in ("PNG", "JPEG", "MPO"):
-            return f"expected JPEG or PNG, got {fmt}"
+                open_image(path, draft=1)
+        elif fmt != "PNG":
+            open_image(path)
     except Exception as e:
-        return f"{type(e).__name__}: {e}"
+        return str(_refusal(path, e))
     return None
 
 
@@ -552,29 +929,14 @@ def _verify(paths: list[Path], strict: bool) -> list[bool]:
     """Check every file (threads: this is mostly I/O); log or, when strict, raise for bad ones."""
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         reasons = list(pool.map(_check_image, paths, chunksize=64))
-    bad = [(p, r) for p, r in zip(paths, reasons) if r]
+    bad = [r for r in reasons if r]
     if bad and strict:
-        p, r = bad[0]
-        raise UserError(f"expected a readable JPEG or PNG image, got a corrupt file: {p} ({r}); "
-                        f"run without --strict to skip such files")
-    for p, r in bad[:_WARN_LINES]:
-        log.warning("skipping corrupt image %s (%s)", p, r)
+        raise UserError(f"{bad[0]}; run without --strict to skip such files")
+    for r in bad[:_WARN_LINES]:
+        log.warning("skipping %s", r)
     if len(bad) > _WARN_LINES:
-        log.warning("skipping %d more corrupt images", len(bad) - _WARN_LINES)
+        log.warning("skipping %d more unreadable images", len(bad) - _WARN_LINES)
     return [r is None for r in reasons]
-
-
-def _load_rgb(path: str, draft: int | None) -> Image.Image:
-    with Image.open(path) as im:
-        if draft and im.format == "JPEG":
-            im.draft("RGB", (draft, draft))     # DCT-domain downscale; both sides stay >= draft
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        return im.convert("RGB")
-
-
-def _pil_to_float(img: Image.Image) -> torch.Tensor:
-    return F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -618,7 +980,7 @@ def _stats_image(ds: Dataset, i: int) -> torch.Tensor:
         return ds._image(i)
     path, _ = ds.samples[i]
     try:
-        img = _load_rgb(path, STATS_SIZE).resize((STATS_SIZE, STATS_SIZE), Image.BILINEAR)
-    except Exception:
+        img = open_image(path, draft=STATS_SIZE).resize((STATS_SIZE, STATS_SIZE), Image.BILINEAR)
+    except UserError:
         return torch.empty(0, 3, 1, 1, dtype=torch.uint8)      # unreadable: counts for nothing
     return F.pil_to_tensor(img)
