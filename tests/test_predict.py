@@ -183,7 +183,7 @@ def test_cli_predict_bad_inputs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (3, 3)).save(tiny)
-    for argv, match in ((["--weights", str(ckpt), str(tmp_path / "broken.png")], "cannot read image"),
+    for argv, match in ((["--weights", str(ckpt), str(tmp_path / "broken.png")], "cannot decode image"),
                         (["--weights", str(ckpt), str(tmp_path / "empty")], "no images in directory"),
                         (["--weights", str(ckpt), str(tiny)], "too small"),
                         (["--weights", str(ckpt), "--config", "E", str(tiny)], "does not fit configuration E")):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,7 +38,7 @@ from .runtime import Runtime, resolve_runtime
 from .transforms import rescale, to_float
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "GRID", "Row", "dense_pooled", "parse_methods",
-           "parse_scales", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
+           "parse_scales", "max_test_scale", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
            "format_table", "check_classes"]
 
 METHODS = ("center", "dense", "multicrop", "multicrop+dense")
@@ -81,6 +82,16 @@ def training_scales(net: Net) -> tuple[int, ...]:
     return tuple(q for q in qs if q >= net.image_size)
 
 
+def max_test_scale() -> int:
+    """The largest Q this machine's memory allows: one 4:3 image's first-stage activations
+    (64 channels, fp32, at Q x 4Q/3) must fit in a quarter of physical memory (about 4,200 px at 24 GiB)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return int(math.sqrt(memory / 4 / (64 * 4 * 4 / 3)))
+
+
 def parse_scales(text: str | None, net: Net) -> tuple[int, ...]:
     """"256,384,512" -> (256, 384, 512); "train" -> `training_scales(net)`; None -> `default_scales(net)`."""
     if text is None or text.strip() in ("", "default"):
@@ -90,9 +101,14 @@ def parse_scales(text: str | None, net: Net) -> tuple[int, ...]:
     try:
         qs = tuple(int(q) for q in text.split(",") if q.strip())
     except ValueError:
-        raise UserError(f"--scales expects comma-separated integers (e.g. 256,384,512) or 'train', got {text!r}") from None
+        raise UserError(f"--test-scale expects comma-separated integers (e.g. 256,384,512) or 'train', "
+                        f"got {text!r}") from None
     if not qs or any(q < 1 for q in qs):
-        raise UserError(f"--scales expects positive integers, got {text!r}")
+        raise UserError(f"--test-scale expects positive integers, got {text!r}")
+    limit = max_test_scale()
+    if max(qs) > limit:
+        raise UserError(f"--test-scale {max(qs)} is more than this machine's memory allows for one image "
+                        f"(at most {limit} px)")
     return tuple(dict.fromkeys(qs))
 
 

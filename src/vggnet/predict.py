@@ -24,21 +24,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as F
 
+from .data import IMAGE_EXTENSIONS, open_image
 from .errors import UserError
 from .evaluate import METHODS, posteriors
-from .transforms import rescale
+from .transforms import rescale, to_float
 from .nets import Net
 from .model import VGG, VGGFullyConv
 from .runtime import Runtime, resolve_runtime
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_UPSCALE", "Prediction", "read_image", "image_paths", "check_image_size",
+__all__ = ["MAX_UPSCALE", "Prediction", "read_image", "image_paths", "check_image_size",
            "predict", "grad_cam", "image_cam", "overlay", "format_predictions"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # Rescaling to Q enlarges small photos; beyond 8x there is no detail left for a net to see.
 MAX_UPSCALE = 8
 
@@ -61,19 +61,8 @@ class Prediction:
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
-    """Decode an image file to a float tensor 3 x H x W in [0, 1] (RGB, EXIF orientation applied)."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            rgb = im.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: expected a JPEG, PNG or other picture PIL decodes "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
-    return F.to_dtype(F.pil_to_tensor(rgb), torch.float32, scale=True)
+    """Decode an image file (vggnet.data.open_image: any pixel format, EXIF orientation) to uint8 3 x H x W."""
+    return F.pil_to_tensor(open_image(path))
 
 
 def image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -82,10 +71,10 @@ def image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise UserError(f"no images in directory {p}; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+                raise UserError(f"no images in directory {p}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
             paths += found
         elif p.is_file():
             paths.append(p)
@@ -167,14 +156,14 @@ def grad_cam(model: VGG | VGGFullyConv, x: Tensor, class_index: int) -> Tensor:
 
 def image_cam(net: Net, image: Tensor, class_index: int, *, scale: int | None = None,
               runtime: Runtime | None = None) -> Tensor:
-    """Grad-CAM of `class_index` over a whole photo (3 x H x W in [0, 1]) -> (H, W) map in [0, 1].
+    """Grad-CAM of `class_index` over a whole photo (3 x H x W, uint8 or [0, 1]) -> (H, W) map in [0, 1].
 
     The photo is rescaled to Q as for prediction; the dense form is used when the image is large
     enough for it, else the net itself (its adaptive pooling takes any size >= 32 px).
     """
     runtime = runtime or resolve_runtime(precision="fp32")
     q = scale or net.eval_scale
-    x = net.normalise(rescale(image[None].float(), q)).to(runtime.device)
+    x = net.normalise(rescale(to_float(image[None]), q)).to(runtime.device)
     model = net.dense() if q >= net.dense_min_size else net.model
     model = model.to(runtime.device)
     cam = grad_cam(model, x, class_index)
@@ -189,7 +178,7 @@ def overlay(image: Tensor, cam: Tensor, *, alpha: float = 0.5, colormap: str = "
     from matplotlib import colormaps
 
     heat = colormaps[colormap](cam.numpy())[..., :3]               # (H, W, 3) in [0, 1]
-    photo = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    photo = to_float(image).permute(1, 2, 0).clamp(0, 1).numpy()
     blend = (1 - alpha) * photo + alpha * heat
     return Image.fromarray(np.round(blend * 255).astype(np.uint8))
 

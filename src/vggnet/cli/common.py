@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..runtime import ENGINES, INFERENCE_PRECISIONS, PRECISIONS
 
 __all__ = ["add_weights_args", "add_flip_args", "add_runtime_args", "add_test_scale_arg", "add_json_arg",
-           "add_force_arg", "deprecated", "emit_json", "check_writable", "positive"]
+           "add_force_arg", "deprecated", "runtime_from", "emit_json", "check_writable", "positive"]
 
 
 def positive(text: str) -> int:
@@ -121,6 +121,13 @@ def _deprecated_append(new: str) -> type[argparse.Action]:
             setattr(namespace, self.dest, items + [values])
 
     return _DeprecatedAppend
+
+
+def runtime_from(args: argparse.Namespace):
+    """The Runtime that --device, --precision and --channels-last ask for (None: the automatic choice)."""
+    from ..runtime import resolve_runtime
+
+    return resolve_runtime(args.device or "auto", args.precision or "auto", args.channels_last)
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

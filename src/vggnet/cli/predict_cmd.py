@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
+import io
 from pathlib import Path
 
+from ..checkpoint import atomic_write
 from ..errors import UserError
 from ..evaluate import METHODS
 from ..nets import load_net
 from ..predict import format_predictions, image_cam, image_paths, overlay, predict, read_image
-from ..runtime import resolve_runtime
-from .eval_cmd import add_runtime_args, add_weights_args
+from . import common
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,50 +19,73 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Top-k classes with probabilities for each image, any size. Dense evaluation "
                                    "(section 3.2) on the image rescaled to the net's test scale by default.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories of images")
-    p.add_argument("--weights", required=True, metavar="W", help="a checkpoint, run directory or torchvision .pth")
+    common.add_weights_args(p)
     p.add_argument("--method", default="dense", choices=METHODS, help="test protocol (default dense)")
-    p.add_argument("--scale", type=int, help="Q, the smaller image side after rescaling (default: the net's eval scale)")
-    p.add_argument("--top", type=int, default=5, help="how many classes to list (default 5)")
+    common.add_test_scale_arg(p, several=False, old=("--scale",))
+    p.add_argument("--top", type=common.positive, default=5, help="how many classes to list (default 5)")
     p.add_argument("--cam", metavar="OUT.png",
-                   help="write the image with a Grad-CAM heat-map of its top class (several images: OUT-<name>.png)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_weights_args(p)
-    add_runtime_args(p)
+                   help="write the image with a Grad-CAM heat-map of its top class (several images: OUT-<n>-<name>.png)")
+    common.add_force_arg(p, "existing heat-map files whose names vggnet derived from --cam")
+    common.add_json_arg(p)
+    common.add_flip_args(p)
+    common.add_runtime_args(p, batch_size=32)
     p.set_defaults(run=run)
 
 
-def _cam_paths(out: str, images: list[Path]) -> list[Path]:
-    base = Path(out)
+def _cam_paths(out: str, images: list[Path], force: bool) -> list[Path]:
+    """Where the heat-maps go: OUT itself for one image (the user named it), else derived names,
+    which replace existing files only with --force. Checked before any work is done."""
+    base = common.check_writable(out, flag="--cam")
     if len(images) == 1:
         return [base]
     suffix = base.suffix or ".png"
-    return [base.with_name(f"{base.stem}-{i:03d}-{p.stem}{suffix}") for i, p in enumerate(images)]
+    paths = [base.with_name(f"{base.stem}-{i:03d}-{p.stem}{suffix}") for i, p in enumerate(images)]
+    taken = [p for p in paths if p.exists()]
+    if taken and not force:
+        raise UserError(f"--cam would replace {len(taken)} existing file(s) such as {taken[0]}; "
+                        "pass --force to replace them or choose another --cam name")
+    return paths
+
+
+def _test_scale(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        q = int(text)
+    except ValueError:
+        raise UserError(f"--test-scale expects one positive integer for predict, got {text!r}") from None
+    from ..evaluate import max_test_scale
+
+    if not 1 <= q <= max_test_scale():
+        raise UserError(f"--test-scale must be between 1 and {max_test_scale()} px, got {q}")
+    return q
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.top < 1 or args.batch_size < 1 or (args.scale is not None and args.scale < 1):
-        raise UserError(f"--top, --batch-size and --scale must be >= 1, got {args.top}, {args.batch_size}, {args.scale}")
+    scale = _test_scale(args.test_scale)
+    if args.json not in (None, "-"):
+        common.check_writable(args.json, flag="--json")
     net = load_net(args.weights, config=args.config, num_classes=args.classes, flip=args.flip)
     paths = image_paths(args.images)
+    cam_paths = _cam_paths(args.cam, paths, args.force) if args.cam else []
     images = [read_image(p) for p in paths]
-    runtime = resolve_runtime(args.device, args.precision, args.channels_last)
-    preds = predict(net, images, names=[str(p) for p in paths], method=args.method, scale=args.scale,
+    runtime = common.runtime_from(args)
+    preds = predict(net, images, names=[str(p) for p in paths], method=args.method, scale=scale,
                     top_k=args.top, runtime=runtime, batch_size=args.batch_size)
     cams: list[str | None] = [None] * len(paths)
-    if args.cam:
-        for i, (out, image, pred) in enumerate(zip(_cam_paths(args.cam, paths), images, preds)):
-            heat = image_cam(net, image, pred.top[0][1], scale=args.scale, runtime=runtime)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                overlay(image, heat).save(out)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot write the heat-map {out}: {e}") from None
-            cams[i] = str(out)
-    if args.json:
-        print(json.dumps([{**p.as_dict(), "cam": c} for p, c in zip(preds, cams)], indent=2))
-    else:
+    for i, (out, image, pred) in enumerate(zip(cam_paths, images, preds)):
+        heat = image_cam(net, image, pred.top[0][1], scale=scale, runtime=runtime)
+        buffer = io.BytesIO()
+        overlay(image, heat).save(buffer, format="PNG" if out.suffix.lower() not in (".jpg", ".jpeg") else "JPEG")
+        try:
+            atomic_write(out, buffer.getvalue())
+        except OSError as e:
+            raise UserError(f"cannot write the heat-map {out}: {e.strerror or e}") from None
+        cams[i] = str(out)
+    if args.json != "-":
         print(format_predictions(preds))
         for c, p in zip(cams, preds):
             if c:
                 print(f"Grad-CAM of {p.top[0][0]!r} for {p.image}: {c}")
+    common.emit_json(args.json, [{**p.as_dict(), "cam": c} for p, c in zip(preds, cams)])
     return 0
