@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,7 +31,7 @@ from .errors import UserError
 from .model import HEADS, VGG, vgg
 
 __all__ = ["atomic_write", "atomic_save", "load_checkpoint", "save_checkpoint", "load_model", "infer_model_args",
-           "check_state_dict", "FORMAT"]
+           "check_state_dict", "check_finite", "model_from", "FORMAT"]
 
 FORMAT = "vggnet"
 
@@ -96,33 +97,85 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise UserError(f"no checkpoint in directory {path} (expected checkpoints/best.pt or checkpoints/last.pt)")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"cannot read checkpoint {path}: it is an empty file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own advice on refusal (weights_only=False) is not for users
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing {path}: it holds pickled objects other than tensors and plain data, "
-                        f"which vggnet never executes ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: not a complete torch file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"refusing {path}: it holds pickled objects other than tensors and plain data "
+                        f"({_refused_global(e)}); vggnet never executes code from a weights file") from None
+    except MemoryError:
+        raise UserError(f"cannot read checkpoint {path}: it does not fit in memory") from None
+    except Exception as e:  # torch.load raises RuntimeError, EOFError, ValueError, zipfile errors, ... on torn files
+        raise UserError(f"cannot read checkpoint {path}: not a complete torch file "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        return dict(obj)
-    if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
+        return _checked_checkpoint(dict(obj), path)
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         # A bare state dict, e.g. torchvision's vgg16-397923af.pth.
-        return {"format": "state_dict", "version": 1, "model_args": infer_model_args(obj),
+        return {"format": "state_dict", "version": 1, "model_args": infer_model_args(obj, source=str(path)),
                 "state_dict": dict(obj), "meta": {}}
-    raise UserError(f"{path} is neither a vggnet checkpoint nor a VGG state dict")
+    raise UserError(f"{path} is neither a vggnet checkpoint nor a VGG state dict "
+                    f"(it holds {type(obj).__name__}{' without a format field' if isinstance(obj, Mapping) else ''})")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+def _refused_global(e: pickle.UnpicklingError) -> str:
+    """The global torch's weights-only unpickler refused, without its advice to disable the check."""
+    for line in str(e).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip().rstrip(".")[:160]
+    return "unsupported pickle content"
+
+
+_MODEL_ARG_TYPES = {"config": str, "batch_norm": bool, "num_classes": int, "in_channels": int, "head": str,
+                    "dropout": (int, float), "init": str}
+
+
+def _checked_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A vggnet-format dict whose fields are all there and of the right kind, with finite weights."""
+    args, state, meta = ckpt.get("model_args"), ckpt.get("state_dict"), ckpt.get("meta", {})
+    if not isinstance(args, Mapping):
+        raise UserError(f"{path} is a vggnet checkpoint without model_args (the net's constructor arguments)")
+    for key, kind in _MODEL_ARG_TYPES.items():
+        if key in args and (not isinstance(args[key], kind) or (kind is int and isinstance(args[key], bool))):
+            raise UserError(f"{path}: model_args.{key} should be {getattr(kind, '__name__', 'a number')}, "
+                            f"got {args[key]!r}")
+    if "config" not in args or "num_classes" not in args:
+        raise UserError(f"{path}: model_args lacks {'config' if 'config' not in args else 'num_classes'}")
+    if not isinstance(state, Mapping) or not state or \
+            not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise UserError(f"{path} is a vggnet checkpoint without a state_dict of named tensors")
+    if not isinstance(meta, Mapping):
+        raise UserError(f"{path}: meta should be a mapping, got {type(meta).__name__}")
+    check_finite(state, source=str(path))
+    return ckpt
+
+
+def check_finite(state_dict: Mapping[str, Tensor], *, source: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run): they would predict nothing."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{source} holds non-finite weights (NaN or infinity) in {key}; "
+                            "it comes from a diverged run and cannot be used")
 
 
 def _shapes(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def infer_model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+def infer_model_args(state_dict: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Any]:
     """Recognise which VGG a bare state dict belongs to (config, BN, head, classes, input channels)."""
     last = [k for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")]
     first = state_dict.get("features.0.weight")
     if not last or first is None:
-        raise UserError("state dict has no features.0.weight / classifier.*.weight: not a VGG checkpoint")
+        raise UserError(f"{source} has no features.0.weight / classifier.*.weight: not a VGG checkpoint")
     last_key = max(last, key=lambda k: int(k.split(".")[1]))
     num_classes, in_channels = state_dict[last_key].shape[0], first.shape[1]
     wanted = _shapes(state_dict)
@@ -135,7 +188,7 @@ def infer_model_args(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
                     candidate = vgg(**args)
                 if _shapes(candidate.state_dict()) == wanted:
                     return dict(candidate.constructor_args)
-    raise UserError(f"state dict matches no VGG configuration ({len(wanted)} tensors, {num_classes} classes)")
+    raise UserError(f"{source} matches no VGG configuration ({len(wanted)} tensors, {num_classes} classes)")
 
 
 def check_state_dict(model: VGG, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -157,16 +210,27 @@ def check_state_dict(model: VGG, state_dict: Mapping[str, Tensor], source: str =
                         f"(batch_norm={args['batch_norm']}, {args['num_classes']} classes): " + "; ".join(problems))
 
 
+def model_from(ckpt: Mapping[str, Any], source: str = "checkpoint", **overrides: Any) -> VGG:
+    """Rebuild the net a loaded checkpoint describes and load its weights (eval mode).
+
+    `overrides` (e.g. config="D") are claims about the file, checked against its tensors: a mismatch
+    is a UserError naming the differing keys or shapes.
+    """
+    args = {**ckpt["model_args"], **overrides}
+    try:
+        model = vgg(args.pop("config"), **args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: its model_args do not describe a VGG net ({e})") from None
+    check_state_dict(model, ckpt["state_dict"], source=source)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                **overrides: Any) -> tuple[VGG, dict[str, Any]]:
-    """Rebuild the net a checkpoint describes and load its weights; returns (model in eval mode, meta).
+    """A vggnet checkpoint or torch state dict -> (model in eval mode, meta); see `model_from`.
 
-    `overrides` (e.g. config="D") are checked against the checkpoint: a mismatch is a UserError
-    naming the differing keys or shapes.
+    For every other weights format, `vggnet.weights.read_weights` then `model_from`.
     """
     ckpt = load_checkpoint(path, map_location)
-    args = {**ckpt["model_args"], **overrides}
-    model = vgg(args.pop("config"), **args)
-    check_state_dict(model, ckpt["state_dict"], source=str(path))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), dict(ckpt.get("meta", {}))
+    return model_from(ckpt, str(path), **overrides), dict(ckpt.get("meta", {}))

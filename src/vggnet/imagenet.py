@@ -38,24 +38,28 @@ def imagenet_meta() -> dict[str, Any]:
 def complete_meta(meta: Mapping[str, Any], model_args: Mapping[str, Any]) -> dict[str, Any]:
     """Fill in what a checkpoint's meta lacks, so every net can be evaluated the same way.
 
-    A bare 1,000-class state dict is taken for torchvision's ImageNet weights. Otherwise missing
-    fields fall back to: class names "0".."N-1", ImageNet mean/std, the head's natural input size
+    1,000 classes without class names are ImageNet weights (torchvision's, or the authors' Caffe
+    files, Keras's, timm's): ImageNet's class names and test protocol, with whatever preprocessing
+    the file recorded (ImageNet mean/std when it recorded none). Otherwise missing fields fall back to: class names "0".."N-1", ImageNet mean/std, the head's natural input size
     (224 for the paper's head, 32 for the compact one), Q = input * 256/224 (torchvision's ratio),
     and a fixed training scale S = Q.
     """
     num_classes = int(model_args["num_classes"])
-    if not meta and num_classes == 1000:
-        return imagenet_meta()
     out = dict(meta)
+    if num_classes == 1000 and not out.get("class_names"):
+        # ImageNet weights from elsewhere (torchvision, Caffe, Keras, timm): ImageNet's names and test
+        # protocol, keeping whatever preprocessing the file recorded.
+        out = {**imagenet_meta(), **{k: v for k, v in out.items() if v is not None}}
     out.setdefault("name", "unknown")
     if not out.get("class_names"):
         out["class_names"] = [str(i) for i in range(num_classes)]
     out["class_names"] = [str(c) for c in out["class_names"]]
     out["mean"] = tuple(float(v) for v in out.get("mean") or IMAGENET_MEAN)
     out["std"] = tuple(float(v) for v in out.get("std") or IMAGENET_STD)
+    out["input_range"] = float(out.get("input_range") or 1.0)
     image_size = int(out.get("image_size") or (224 if model_args.get("head", "paper") == "paper" else 32))
     out["image_size"] = image_size
-    out["eval_scale"] = int(out.get("eval_scale") or round(image_size * 256 / 224))
+    out["eval_scale"] = int(out.get("eval_scale") or out.get("test_scale") or round(image_size * 256 / 224))
     train_scale = out.get("train_scale") or (out["eval_scale"], out["eval_scale"])
     out["train_scale"] = (int(train_scale[0]), int(train_scale[-1]))
     return out

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_model
+from .checkpoint import model_from
 from .configs import MODELS, config_of
 from .errors import UserError
 from .imagenet import complete_meta
@@ -131,8 +131,11 @@ def load_net(path: str | os.PathLike, *, config: str | None = None, num_classes:
             overrides["batch_norm"] = batch_norm
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    model, meta = load_model(path, map_location=map_location, **overrides)
-    full = complete_meta(meta, model.constructor_args)
+    from .weights import read_weights  # any format: torch files go on to vggnet.checkpoint
+
+    ckpt = read_weights(path)
+    model = model_from(ckpt, os.fspath(path), **overrides).to(map_location)
+    full = complete_meta(dict(ckpt.get("meta") or {}), model.constructor_args)
     return Net(model=model, meta=full, name=_short_name(path), flip=_default_flip(full) if flip is None else flip)
 
 
