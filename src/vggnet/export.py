@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import atomic_write
 from .errors import UserError
 from .nets import Net
 
 __all__ = ["FORMATS", "DenseScores", "ExportReport", "export", "export_onnx", "export_torchscript",
            "check_onnx", "check_torchscript", "export_meta"]
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 18
 
 
@@ -62,7 +63,7 @@ class ExportReport:
     check_input: tuple[int, ...]
 
     def __str__(self) -> str:
-        check = "not checked (onnxruntime not installed)" if self.max_abs_diff is None else \
+        check = "not checked" if self.max_abs_diff is None else \
             f"max |difference| from PyTorch {self.max_abs_diff:.2e} on a {'x'.join(map(str, self.check_input))} input"
         return (f"wrote {self.path} ({self.format}{', dense' if self.dense else ''}): input {self.input_shape}, "
                 f"outputs {', '.join(self.outputs)}; {check}")
@@ -89,7 +90,6 @@ def export_onnx(net: Net, path: str | os.PathLike, *, dense: bool = False, opset
     check holds for every shape the file admits.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = _module(net, dense)
     batch = torch.export.Dim("batch", min=1)
     if dense:
@@ -108,20 +108,17 @@ def export_onnx(net: Net, path: str | os.PathLike, *, dense: bool = False, opset
                                     dynamic_shapes={"x": dims}, opset_version=opset, verbose=False)
     for key, value in export_meta(net, dense=dense).items():
         program.model.metadata_props[key] = value
-    program.save(str(path))
-    return path
+    # Serialised in memory, then written atomically: a failed export never tears an existing file.
+    return atomic_write(path, program.model_proto.SerializeToString())
 
 
 def export_torchscript(net: Net, path: str | os.PathLike, *, dense: bool = False) -> Path:
     """Write a scripted (not traced) module, so any batch and, for the dense form, any image size work."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"meta.json": json.dumps(export_meta(net, dense=dense))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but still what C++ and mobile load
         scripted = torch.jit.script(_module(net, dense))
-        torch.jit.save(scripted, str(path), _extra_files=extra)
-    return path
+        return atomic_write(path, lambda f: torch.jit.save(scripted, f, _extra_files=extra))
 
 
 def _reference(net: Net, dense: bool, x: Tensor) -> Tensor:
@@ -152,26 +149,45 @@ def check_torchscript(path: str | os.PathLike, net: Net, x: Tensor, *, dense: bo
     return float((got - _reference(net, dense, x)).abs().max())
 
 
-def export(net: Net, path: str | os.PathLike, *, format: str, dense: bool = False, check: bool = True) -> ExportReport:
-    """Export `net` as `format` ("onnx" or "torchscript"), then check the file against PyTorch."""
+def export(net: Net, path: str | os.PathLike, *, format: str, dense: bool = False, check: bool = True,
+           precision: str = "fp32", calibration: Tensor | None = None) -> ExportReport:
+    """Export `net` as `format` ("onnx", "torchscript" or "safetensors"), then check the file against PyTorch.
+
+    `precision="int8"` (ONNX only) writes a statically quantised file, calibrated on `calibration`
+    (normalised training crops; vggnet.engines picks them when None). Every file is written atomically.
+    """
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
+    if precision not in ("fp32", "int8") or (precision == "int8" and (format != "onnx" or dense)):
+        raise UserError(f"--precision {precision} cannot be exported as {format}{' (dense)' if dense else ''}; "
+                        "expected fp32, or int8 with --format onnx and no --dense")
+    if format == "safetensors":
+        from .weights import write_safetensors
+
+        path = write_safetensors(path, net.model.state_dict(), net.meta, model_args=net.model.constructor_args)
+        return ExportReport(path=Path(path), format=format, dense=False, input_shape="(weights only)",
+                            outputs=["state dict, model_args and meta"], max_abs_diff=None, check_input=())
     if format == "onnx":
         try:
             import onnx  # noqa: F401  (the exporter needs onnx and onnxscript)
             import onnxscript  # noqa: F401
         except ImportError as e:
             raise UserError(f"ONNX export needs the onnx extra (pip install 'vggnet[onnx]'): {e}") from None
-        path = export_onnx(net, path, dense=dense)
+        if precision == "int8":
+            from .engines import export_int8_onnx
+
+            path = export_int8_onnx(net, path, calibration)
+        else:
+            path = export_onnx(net, path, dense=dense)
     else:
         path = export_torchscript(net, path, dense=dense)
     side = net.dense_min_size if dense else net.image_size
     # A second batch size and, for the dense form, a non-square size other than the export example.
     x = torch.randn(3, 3, side + (40 if dense else 0), side + (72 if dense else 0), generator=torch.Generator().manual_seed(0))
     diff = None
-    if check:
+    if check and precision == "fp32":
         diff = check_onnx(path, net, x, dense=dense) if format == "onnx" else check_torchscript(path, net, x, dense=dense)
     shape = f"N x 3 x H x W (H, W >= {side})" if dense else f"N x 3 x {side} x {side}"
     outputs = ["scores (N x classes)", "score_map (N x classes x h x w)"] if dense else ["logits (N x classes)"]
-    return ExportReport(path=path, format=format, dense=dense, input_shape=shape, outputs=outputs,
+    return ExportReport(path=Path(path), format=format, dense=dense, input_shape=shape, outputs=outputs,
                         max_abs_diff=diff, check_input=tuple(x.shape))

@@ -242,10 +242,14 @@ class _LinearAsConv(nn.Module):
 class VGGFullyConv(nn.Module):
     """A VGG whose FC layers are convolutions: any image -> (N, classes, h, w) class-score map.
 
+    (TorchScript compiles `forward` only; `output_names` and `forward_to` are Python-side.)
+
     The paper's head needs a final map of at least 7x7, so images of at least 224 px a side.
     Average the map over space for an image's scores (the paper's dense evaluation). Shares its
     parameters with the VGG it was made from.
     """
+
+    __jit_unused_properties__ = ["output_names"]
 
     def __init__(self, model: VGG) -> None:
         super().__init__()
