@@ -87,14 +87,7 @@ def test_image_decoder_lets_only_user_errors_out(tmp_path, kind):
     attack()
 
 
-# checkpoint.py (the lead's) lets IndexError out of its own error handler for an empty file
-# (hypothesis's minimal example: b""; `str(e).splitlines()[0]` of an empty message). Fix: catch every
-# Exception around torch.load and take the first line safely; then remove this mark.
-_LOADER_XFAIL = pytest.mark.xfail(strict=True, raises=IndexError,
-                                  reason="checkpoint.load_checkpoint: IndexError on b'' (empty torch.load message)")
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=_LOADER_XFAIL) for k in sorted(CHECKPOINTS)])
+@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
 def test_checkpoint_loader_lets_only_user_errors_out(tmp_path, kind):
     path = tmp_path / "w.pt"
     assert load_checkpoint_ok(path, CHECKPOINTS[kind])
