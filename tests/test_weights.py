@@ -21,7 +21,7 @@ import vggnet
 from vggnet.checkpoint import load_model, save_checkpoint
 from vggnet.cli import main
 from vggnet.errors import UserError
-from vggnet.nets import net_from_model
+from vggnet.nets import load_net, net_from_model
 from vggnet.weights import read_weights, sniff, write_safetensors
 from vggnet.weights.keras import channels_last_to_first
 
@@ -119,7 +119,8 @@ def write_caffemodel(path, model, *, new_format, conv_names=None):
     for k, (name, _, conv) in enumerate(convs):
         name = conv_names[k] if conv_names else name
         blobs = [_blob(_bgr_first(conv.weight, k == 0), new_format), _blob(conv.bias, new_format)]
-        parts += [_caffe_layer(name, "Convolution", blobs, new_format), _caffe_layer(f"relu{k}", "ReLU", [], new_format)]
+        parts += [_caffe_layer(name, "Convolution", blobs, new_format),
+                  _caffe_layer(f"relu{k}", "ReLU", [], new_format)]
     for name, fc in zip(("fc6", "fc7", "fc8"), linears):
         parts.append(_caffe_layer(name, "InnerProduct", [_blob(fc.weight, new_format), _blob(fc.bias, new_format)],
                                   new_format))
@@ -154,10 +155,9 @@ def _timm_state(model):
     """timm's VGG keys: classifier.0/3 as pre_logits.fc1/fc2 convs, classifier.6 as head.fc."""
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith("classifier.0."):
-            key, value = "pre_logits.fc1." + key[13:], value.reshape(value.shape[0], 512, 1, 1) if value.dim() == 2 else value
-        elif key.startswith("classifier.3."):
-            key, value = "pre_logits.fc2." + key[13:], value[:, :, None, None] if value.dim() == 2 else value
+        if key.startswith(("classifier.0.", "classifier.3.")):  # compact head: a 1x1 map, so 1x1 convs
+            key = ("pre_logits.fc1." if key[11] == "0" else "pre_logits.fc2.") + key[13:]
+            value = value[:, :, None, None] if value.dim() == 2 else value
         elif key.startswith("classifier.6."):
             key = "head.fc." + key[13:]
         out[key] = value.contiguous()
@@ -200,6 +200,8 @@ def test_caffe_gives_the_caffe_pipelines_logits(tmp_path, source, photo, new_for
     caffe_input = photo[:, [2, 1, 0]] * 255 - torch.tensor(BGR_MEAN).view(1, 3, 1, 1)
     net = net_from_model(model, meta)
     _close(_logits(net.model, net.normalise(photo)), _logits(reference, caffe_input))
+    loaded = load_net(path)  # every verb's --weights reads the file directly
+    _close(_logits(loaded.model, loaded.normalise(photo)), _logits(reference, caffe_input))
 
 
 @pytest.mark.parametrize("under_model_weights", [True, False], ids=["model.save", "save_weights"])
@@ -319,6 +321,13 @@ def test_truncated_files_are_refused(tmp_path, source):
         cut = tmp_path / f"cut-{path.name}"
         cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         _one_line_error(cut, "truncated")
+
+
+def test_non_finite_weights_are_refused(tmp_path, source):
+    state = {k: v.clone().contiguous() for k, v in source.state_dict().items()}
+    state["features.3.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(tmp_path / "diverged.safetensors"))
+    _one_line_error(tmp_path / "diverged.safetensors", "non-finite", "features.3.weight")
 
 
 def test_pickled_code_is_refused_and_never_run(tmp_path):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import check_state_dict, load_checkpoint, save_checkpoint
+from ..checkpoint import check_finite, check_state_dict, load_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..model import vgg
 from .caffe import looks_like_caffe, read_caffe
@@ -62,12 +62,19 @@ def _safetensors_header(head: bytes, size: int) -> str | None:
     return "ok" if 8 + n <= size else "truncated"
 
 
-def _is_torch_zip(path: Path) -> bool:
+def _zip_names(path: Path) -> list[str] | None:
     try:
         with zipfile.ZipFile(path) as z:
-            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in z.namelist())
+            return z.namelist()
     except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def _is_torch_zip(path: Path) -> bool:
+    names = _zip_names(path)
+    if names is None:
         return True  # a torn torch zip: let vggnet.checkpoint say it is incomplete
+    return any(name == "data.pkl" or name.endswith("/data.pkl") for name in names)
 
 
 def _looks_like(head: bytes, size: int, path: Path) -> str:
@@ -80,6 +87,8 @@ def _looks_like(head: bytes, size: int, path: Path) -> str:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "a WebP image"
     if head.startswith(b"PK\x03\x04"):
+        if "model.weights.h5" in (_zip_names(path) or []):
+            return "a Keras 3 .keras archive (not read: save the model as a Keras 2 / tf.keras .h5)"
         return "a zip archive that is not a torch checkpoint"
     if head.startswith(b"\x1f\x8b"):
         return "gzip-compressed data (decompress it first)"
@@ -139,7 +148,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, Any]:
                             "rename it (e.g. to .pt) to read it with weights-only unpickling")
         return load_checkpoint(path)
     reader = {"safetensors": read_safetensors, "keras": read_keras, "caffe": read_caffe}[fmt]
-    return reader(path)
+    ckpt = reader(path)
+    check_finite(ckpt["state_dict"], source=str(path))  # NaN/inf weights would predict nothing
+    return ckpt
 
 
 def _numbers(values: Any) -> str:

@@ -144,7 +144,7 @@ def _blob(blob: Any, name: str, path: Path) -> tuple[torch.Tensor, list[int]]:
     if int(np.prod(dims)) != values.size:
         raise UserError(f"Caffe file {path}: layer {name} has a blob of shape {dims} but {values.size} values "
                         "(a truncated or damaged file)")
-    return torch.from_numpy(values.copy()), dims
+    return torch.from_numpy(values if values.flags.writeable else values.copy()), dims
 
 
 def _layers(net: Any) -> list[tuple[str, str, list[Any]]]:
@@ -169,7 +169,8 @@ def read_caffe(path: str | Path) -> dict[str, Any]:
         if kind not in ("Convolution", "InnerProduct"):
             continue
         if len(blobs) != 2:
-            raise UserError(f"Caffe file {path}: layer {name} ({kind}) has {len(blobs)} blobs, expected weight and bias")
+            raise UserError(f"Caffe file {path}: layer {name} ({kind}) has {len(blobs)} blobs, "
+                            "expected weight and bias")
         (weight, dims), (bias, _) = _blob(blobs[0], name, path), _blob(blobs[1], name, path)
         if kind == "Convolution":
             match = re.fullmatch(r"conv(\d)_(\d)", name)

@@ -40,6 +40,17 @@ def _str(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _names(attrs: Any, key: str) -> list[str]:
+    """A list-of-names attribute; Keras splits one over 64 KB into key0, key1, ... (HDF5's header limit)."""
+    if key in attrs:
+        return [_str(n) for n in attrs[key]]
+    names, i = [], 0
+    while f"{key}{i}" in attrs:
+        names += [_str(n) for n in attrs[f"{key}{i}"]]
+        i += 1
+    return names
+
+
 def _layer_weights(path: Path) -> list[tuple[str, list[np.ndarray]]]:
     """(layer name, [arrays in weight_names order]) for every layer of the file, in the model's order."""
     import h5py
@@ -47,14 +58,15 @@ def _layer_weights(path: Path) -> list[tuple[str, list[np.ndarray]]]:
     try:
         with h5py.File(path, "r") as f:
             root = f["model_weights"] if "model_weights" in f else f
-            if "layer_names" not in root.attrs:
-                raise UserError(f"Keras file {path} has no layer_names attribute: an HDF5 file, but not Keras "
-                                "weights (expected a Keras 2 / tf.keras .h5 from save_weights or model.save)")
+            layer_names = _names(root.attrs, "layer_names")
+            if not layer_names:
+                raise UserError(f"Keras file {path} has no layer_names attribute: an HDF5 file, but not Keras 2 / "
+                                "tf.keras weights (from save_weights or model.save; Keras 3 .weights.h5 is not read)")
             layers = []
-            for layer in (_str(n) for n in root.attrs["layer_names"]):
+            for layer in layer_names:
                 group = root[layer]
-                names = [_str(n) for n in group.attrs.get("weight_names", [])]
-                layers.append((layer, [np.asarray(group[n], dtype=np.float32) for n in names]))
+                weights = _names(group.attrs, "weight_names")
+                layers.append((layer, [np.asarray(group[n], dtype=np.float32) for n in weights]))
             return layers
     except (OSError, KeyError) as e:
         raise UserError(f"cannot read Keras file {path}: a truncated or damaged HDF5 file ({e})") from None
