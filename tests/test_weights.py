@@ -200,8 +200,9 @@ def test_caffe_gives_the_caffe_pipelines_logits(tmp_path, source, photo, new_for
     caffe_input = photo[:, [2, 1, 0]] * 255 - torch.tensor(BGR_MEAN).view(1, 3, 1, 1)
     net = net_from_model(model, meta)
     _close(_logits(net.model, net.normalise(photo)), _logits(reference, caffe_input))
-    loaded = load_net(path)  # every verb's --weights reads the file directly
-    _close(_logits(loaded.model, loaded.normalise(photo)), _logits(reference, caffe_input))
+    if new_format:  # every verb's --weights reads the file directly (once is enough)
+        loaded = load_net(path)
+        _close(_logits(loaded.model, loaded.normalise(photo)), _logits(reference, caffe_input))
 
 
 @pytest.mark.parametrize("under_model_weights", [True, False], ids=["model.save", "save_weights"])
