@@ -1,4 +1,4 @@
-"""`vggnet bench [--quick] [--all] [--device D] [--json FILE] [--agreement CKPT]`: speed, memory and targets (issue 5)."""
+"""`vggnet bench [--quick] [--all] [--device D] [--json FILE] [--agreement CKPT]`: a thin entry over vggnet.bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..bench import FULL, QUICK, SECTIONS, format_markdown, run_benchmark
+from ..checkpoint import atomic_write
 from ..configs import config_of
 from ..errors import UserError
 
@@ -18,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed and memory against torchvision and this machine's matmul ceilings",
                        description="Time inference, training, the input pipeline and dense vs multi-crop "
                                    "evaluation in one process (contenders interleaved, medians reported); "
-                                   "print a Markdown table and check the targets of issue 5.")
+                                   "print a Markdown table and check the targets of this machine's hardware class "
+                                   "(cpu, cpu-bf16 or cuda).")
     p.add_argument("--config", action="append", metavar="CONFIG",
                    help="configuration to measure, repeatable (default D; A, B, D, E have torchvision twins)")
     p.add_argument("--all", action="store_true", help="configurations A, D and E")
@@ -32,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sections", default=None, metavar="LIST",
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; agreement only with --agreement)")
     p.add_argument("--agreement", metavar="CHECKPOINT", default=None,
-                   help="also measure fp32 vs bf16 top-1 agreement of this checkpoint or run directory on its test split")
+                   help="also measure the top-1 agreement of bf16 and int8 with fp32 of this checkpoint or run "
+                        "directory on its test split")
     p.add_argument("--agreement-limit", type=int, default=None, metavar="N", help="only the first N test images")
     p.add_argument("--json", metavar="FILE", default=None, help="write the full result as JSON")
     p.set_defaults(run=run)
@@ -61,11 +64,10 @@ def run(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, budget_s=args.budget)
     command = "vggnet " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
         "vggnet bench"
+
     def write(result: dict) -> None:
         if args.json:
-            path = Path(args.json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write(args.json, json.dumps(result, indent=2) + "\n")
 
     result = run_benchmark(configs=configs, plan=plan, device=args.device, sections=sections, compile=args.compile,
                            workers=args.workers, agreement=args.agreement, agreement_limit=args.agreement_limit,
