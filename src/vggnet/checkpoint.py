@@ -102,7 +102,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own advice on refusal (weights_only=False) is not for users
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch.load must not pick a reader from the name
+                obj = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing {path}: it holds pickled objects other than tensors and plain data "
                         f"({_refused_global(e)}); vggnet never executes code from a weights file") from None
@@ -218,11 +219,12 @@ def model_from(ckpt: Mapping[str, Any], source: str = "checkpoint", **overrides:
     """
     args = {**ckpt["model_args"], **overrides}
     try:
-        model = vgg(args.pop("config"), **args)
+        with torch.device("meta"):  # no point initialising ~138M weights that are about to be replaced
+            model = vgg(args.pop("config"), **args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: its model_args do not describe a VGG net ({e})") from None
     check_state_dict(model, ckpt["state_dict"], source=source)
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(ckpt["state_dict"], assign=True)
     return model.eval()
 
 
