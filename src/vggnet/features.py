@@ -234,9 +234,10 @@ def extract_features(extractor: FeatureExtractor, dataset: Any, out: str | os.Pa
     job = {**extractor.spec(), "count": n, "items": _digest(ids), "chunk_size": chunk_size}
     if out.exists() and not force:
         old = _read_meta(out)
-        if all(old.get(k) == v for k, v in job.items() if k != "chunk_size"):
+        wanted = {k: v for k, v in job.items() if k != "chunk_size"}  # chunking does not change the result
+        if all(old.get(k) == v for k, v in wanted.items()):
             return out
-        raise UserError(f"{out} holds other descriptors ({_differences(old, job)}); use --force to replace it")
+        raise UserError(f"{out} holds other descriptors ({_differences(old, wanted)}); use --force to replace it")
     parts = out.with_name(out.name + ".parts")
     state = parts / "job.json"
     if parts.exists():
