@@ -6,6 +6,7 @@ machine, so the tests check the protocols' arithmetic against direct computation
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
@@ -235,3 +236,58 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
     assert main(["eval", "--weights", str(tmp_path / "evil.pt")]) == 2
     assert "refusing" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def _photo_folder(root, per_split=(6, 3, 4)):
+    """An ImageFolder of real photographs: JPEG crops of three scikit-image pictures, one class each."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(0)
+    for cls, name in enumerate(("astronaut", "chelsea", "coffee")):
+        photo = getattr(skdata, name)()
+        for split, n in zip(("train", "val", "test"), per_split):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                top = int(rng.integers(0, photo.shape[0] - 150))
+                left = int(rng.integers(0, photo.shape[1] - 200))
+                Image.fromarray(photo[top:top + 150, left:left + 200]).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_eval_center_reproduces_the_runs_own_test_top1(tmp_path, capsys):
+    """One test path: training's test evaluation and `vggnet eval --methods center` see the same pixels
+    (same decoder and JPEG draft, same rescale, crop and normalisation), so their top-1 agree exactly."""
+    data = _photo_folder(tmp_path / "photos")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--config", "A", "--head", "compact", "--batch-norm",
+                 "--image-size", "32", "--train-scale", "40", "--test-scale", "44", "--epochs", "2",
+                 "--batch-size", "6", "--lr", "0.01", "--precision", "fp32", "--workers", "0",
+                 "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(run), "--methods", "center", "--precision", "fp32",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    row = json.loads((tmp_path / "eval.json").read_text())["rows"][0]
+    assert row["images"] == summary["test_images"] == 12
+    assert row["scales"] == [44]
+    correct_eval = round(row["images"] * (1 - row["top1_error"] / 100))
+    correct_train = round(summary["test_images"] * summary["test_top1"] / 100)
+    assert correct_eval == correct_train
+
+
+def test_training_test_view_is_the_eval_center_view_pixel_for_pixel(tmp_path):
+    from torchvision.transforms.v2 import functional as F
+
+    from vggnet.data import build_data, eval_draft, eval_images
+    from vggnet.transforms import normalize, rescale, to_float
+
+    data = _photo_folder(tmp_path / "photos", per_split=(3, 2, 2))
+    bundle = build_data(str(data), image_size=32, train_scale=(40, 40), eval_scale=44)
+    images, _ = eval_images(str(data), "test", draft=eval_draft(32, 44))
+    assert len(images) == len(bundle.test) == 6
+    for i in range(len(images)):
+        x = F.center_crop(rescale(to_float(images[i][0])[None], 44), [32, 32])
+        expected = normalize(x, bundle.mean, bundle.std)[0]
+        assert torch.equal(bundle.test[i][0], expected)
