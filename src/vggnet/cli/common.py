@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..runtime import ENGINES, INFERENCE_PRECISIONS, PRECISIONS
 
 __all__ = ["add_weights_args", "add_flip_args", "add_runtime_args", "add_test_scale_arg", "add_json_arg",
-           "add_force_arg", "deprecated", "runtime_from", "emit_json", "check_writable", "positive"]
+           "add_force_arg", "deprecated", "runtime_from", "attach_engines", "emit_json", "check_writable", "positive"]
 
 
 def positive(text: str) -> int:
@@ -124,10 +124,24 @@ def _deprecated_append(new: str) -> type[argparse.Action]:
 
 
 def runtime_from(args: argparse.Namespace):
-    """The Runtime that --device, --precision and --channels-last ask for (None: the automatic choice)."""
+    """The Runtime that --device, --precision and --channels-last ask for (None: the automatic choice).
+
+    int8 is an engine's precision: the runtime around it (inputs, pre- and post-processing) is fp32.
+    """
     from ..runtime import resolve_runtime
 
-    return resolve_runtime(args.device or "auto", args.precision or "auto", args.channels_last)
+    precision = args.precision or "auto"
+    return resolve_runtime(args.device or "auto", "fp32" if precision == "int8" else precision, args.channels_last)
+
+
+def attach_engines(nets, runtime, args: argparse.Namespace, *, images: int | None = None) -> None:
+    """Give each net the engine --engine and --precision ask for (vggnet.engines), and say which and why."""
+    from ..engines import attach_engine
+
+    for net in nets:
+        line = attach_engine(net, runtime, engine=getattr(args, "engine", "auto"),
+                             precision="int8" if args.precision == "int8" else None, images=images)
+        print(f"vggnet {args.verb}: {net.name}: {line}", file=sys.stderr)
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = common.runtime_from(args)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"vggnet eval: {n} images of {where} ({args.split}); {runtime}", file=sys.stderr)
+    common.attach_engines(nets, runtime, args, images=n)
     with tqdm(total=n, unit="img", desc="eval", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         rows = evaluate(nets, dataset, methods=methods, scales=scales, runtime=runtime, batch_size=args.batch_size,
                         workers=args.workers, limit=args.limit, progress=lambda done: bar.update(done - bar.n))

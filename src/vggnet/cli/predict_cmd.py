@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     cam_paths = _cam_paths(args.cam, paths, args.force) if args.cam else []
     images = [read_image(p) for p in paths]
     runtime = common.runtime_from(args)
+    common.attach_engines([net], runtime, args, images=len(images))
     preds = predict(net, images, names=[str(p) for p in paths], method=args.method, scale=scale,
                     top_k=args.top, runtime=runtime, batch_size=args.batch_size)
     cams: list[str | None] = [None] * len(paths)
