@@ -11,11 +11,15 @@ from .model import (
     vgg13, vgg13_bn, vgg16, vgg16_bn, vgg16c, vgg16c_bn, vgg19, vgg19_bn, warm_start,
 )
 from .nets import Net, load_net, net_from_model
+from . import losses
+from .features import FeatureExtractor
+from .weights import read_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONFIGS", "MODELS", "VGG", "VGGFullyConv", "WarmStartReport", "Net", "get_model", "list_models",
+    "CONFIGS", "MODELS", "VGG", "VGGFullyConv", "WarmStartReport", "Net", "FeatureExtractor", "losses",
+    "read_weights", "get_model", "list_models",
     "load_net", "net_from_model", "vgg", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg11_lrn_bn", "vgg13", "vgg13_bn",
     "vgg16", "vgg16_bn", "vgg16c", "vgg16c_bn", "vgg19", "vgg19_bn", "warm_start",
 ]
