@@ -28,9 +28,17 @@ def _verb_modules():
                 raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vggnet", description="The VGG networks of Simonyan & Zisserman (2014).")
-    sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    parser = _Parser(prog="vggnet", description="The VGG networks of Simonyan & Zisserman (2014).")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
     for _, module in _verb_modules():
         module.add_parser(sub)
     return parser
@@ -38,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a command-line mistake (2), already reported
+        return int(e.code or 0)
     if args.verb is None:
         parser.print_help()
         return 2

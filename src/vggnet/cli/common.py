@@ -30,26 +30,21 @@ __all__ = ["add_weights_args", "add_flip_args", "add_runtime_args", "add_test_sc
            "add_force_arg", "deprecated", "runtime_from", "attach_engines", "emit_json", "check_writable", "positive"]
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, words: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+positive = _int_at_least(1, "a positive integer")      # argparse type: an integer >= 1
+non_negative = _int_at_least(0, "an integer >= 0")     # argparse type: an integer >= 0
 
 
 def deprecated(new: str) -> type[argparse.Action]:
