@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
+import torch
 
 import vggnet.train
 from vggnet.cli import build_parser
@@ -50,7 +50,7 @@ def test_cli_parses_the_verb():
 def test_study_task_is_seeded_and_shaped():
     splits, names = build_splits(0)
     x, y = splits["train"]
-    assert x.dtype.is_floating_point is False and tuple(x.shape) == (SPLIT_SIZES["train"], 3, CANVAS, CANVAS)
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (SPLIT_SIZES["train"], 3, CANVAS, CANVAS)
     assert names == [str(d) for d in range(10)] and set(y.tolist()) == set(range(10))
     again, _ = build_splits(0)
     assert all(bool((again[k][0] == splits[k][0]).all()) for k in splits)
@@ -152,7 +152,7 @@ def test_study_runs_and_resumes_without_redoing_finished_cells(tmp_path, monkeyp
 
 
 def test_unfinished_run_is_resumed_from_its_checkpoint(tmp_path, monkeypatch):
-    plan = StudyPlan(name="configs", tables=("configs",), pair=("D", "E"), epochs=1, data="synthetic",
+    plan = StudyPlan(name="configs", tables=("configs",), pair=("D", "E"), epochs=1, data="study",
                      cells=[Cell(config="A", scale=s, seed=0) for s in ("fixed", "jitter")] +
                            [Cell(config="B", scale="fixed", seed=0)])
     (tmp_path / "runs" / "A-jitter-s0" / "checkpoints").mkdir(parents=True)
@@ -162,12 +162,13 @@ def test_unfinished_run_is_resumed_from_its_checkpoint(tmp_path, monkeypatch):
     calls = []
 
     def fake_train(cfg, *, resume=False):
-        calls.append((cfg.out.split("/")[-1], resume, cfg.config, tuple(cfg.train_scale), cfg.hflip))
+        calls.append((cfg.out.split("/")[-1], resume, cfg.config, tuple(cfg.train_scale), cfg.image_size, cfg.hflip))
         return {"test_top1": 10.0, "wall_seconds": 1.0}
 
     monkeypatch.setattr(vggnet.train, "train", fake_train)
     summaries = train_cells(plan, tmp_path, log=lambda *a: None)
-    assert calls == [("A-fixed-s0", False, "A", (36, 36), False), ("A-jitter-s0", True, "A", (36, 72), False)]
+    assert calls == [("A-fixed-s0", False, "A", (36, 36), 32, False),   # no flips on digits
+                     ("A-jitter-s0", True, "A", (36, 72), 32, False)]
     assert summaries["B-fixed-s0"]["test_top1"] == 50.0                     # found, not trained again
     with pytest.raises(UserError, match="--jobs must be >= 1"):
         train_cells(plan, tmp_path, jobs=0)

@@ -53,7 +53,7 @@ _QUICK_CELLS = (("A", "fixed"), ("A", "jitter"), ("B", "jitter"))
 CROP = 32                      # the study task's canvas (vggnet.studydata.CANVAS) and the nets' crop
 FIXED_S = 36                   # the paper's S = 256 for 224 crops, in proportion (256 / 224 * 32)
 JITTER_S = (36, 72)            # the paper's [256, 512], in the same proportion
-PROTOCOL_LIMIT = 300           # test images for multi-crop (50 crops per Q): its cost dominates testing
+PROTOCOL_LIMIT = 300           # test images for multi-crop (25 crops per Q, x2 with flips): its cost dominates
 # Table 3-6 of the paper: (top-1, top-5) error in %, ILSVRC-2012 val; jittered = S in [256, 512].
 PAPER: dict[str, dict[tuple[str, ...], tuple[float, float]]] = {
     "table3": {("A", "fixed"): (29.6, 10.4), ("A-LRN", "fixed"): (29.7, 10.5), ("B", "fixed"): (28.7, 9.9),
@@ -140,9 +140,11 @@ def cell_config(plan: StudyPlan, cell: Cell, run_dir: Path):
     from .rundir import resolve_config
 
     # The digits recipe's optimisation (batch 64, lr 0.02, glorot init, dropout 0.3, patience 1),
-    # the paper's scale regimes in proportion, no flips (a mirrored digit is another shape).
+    # the paper's scale regimes in proportion to 32 px crops (any --data is seen at that size),
+    # no flips on the study's digits (a mirrored 2 is no 2); other data keeps its default.
     settings = dict(config=cell.config, batch_norm=True, head="compact", init="glorot", dropout=0.3,
-                    data=plan.data, train_scale=cell.train_scale, hflip=False, lighting=0.1, epochs=plan.epochs,
+                    data=plan.data, image_size=CROP, train_scale=cell.train_scale,
+                    hflip=False if plan.data == "study" else None, lighting=0.1, epochs=plan.epochs,
                     batch_size=64, lr=0.02, lr_patience=1, seed=cell.seed, workers=0, out=str(run_dir))
     return resolve_config(None, **{**settings, **plan.train_overrides})
 
