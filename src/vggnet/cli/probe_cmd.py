@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..features import load_features
-from ..probe import DEFAULT_CS, plot_confusion, run_probe
+from ..probe import DEFAULT_CS, check_compatible, plot_confusion, run_probe
 from . import common
 from .features_cmd import add_extraction_args, extract, load, open_split
 
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         train, test = load_features(train_path), load_features(test_path)
     else:
         raise UserError("expected --features TRAIN --test TEST (files from `vggnet features`) or --weights W --data DIR")
+    check_compatible(train, test, train_name=str(train_path), test_name=str(test_path))
     print(f"vggnet probe: {len(train.paths)} training and {len(test.paths)} test descriptors of "
           f"{train.meta.get('net')} {train.meta.get('layer')}", file=sys.stderr)
     result = run_probe(train, test, Cs=cs, seed=args.seed, train_name=str(train_path), test_name=str(test_path))
