@@ -4,7 +4,8 @@
 # default inference path as an extra row; 5 s of timing per group (--budget 5; each group also
 # stops after 25 rounds). Writes, under $OUT (default: the current directory):
 #   bench-gpu.json   the result, rewritten after every section (so a run cut short keeps what it
-#                    finished, marked "partial"); its "summary" holds the issue-5 ratios and targets
+#                    finished, marked "partial"); its "summary" names the hardware class
+#                    ("cuda") and holds that class's ratios and targets (vggnet.bench.report)
 #   bench-gpu.md     the Markdown table it printed
 #   gpu-info.txt     nvidia-smi's view of the card, python and torch versions
 #

@@ -59,6 +59,7 @@ def test_training_with_bf16_units_follows_precision(amx):
     assert choose_channels_last(CPU, "bf16", training=True, image_size=224)[0] is True
     assert choose_channels_last(CPU, "bf16", training=True, image_size=32)[0] is True
     assert choose_channels_last(CPU, "fp32", training=True, image_size=224)[0] is False
+    assert choose_channels_last(CPU, "fp32", training=True, image_size=32)[0] is False
 
 
 def test_resolve_runtime_auto_and_override(avx2):

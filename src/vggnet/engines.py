@@ -187,7 +187,11 @@ class OnnxEngine:
         path = self.path(key, x)
         if path.exists():
             return path
-        onnx_bytes = _export_onnx(module, x, key)
+        if self.precision == "int8":  # quantise the cached fp32 file (exported first if need be)
+            fp32 = OnnxEngine(self.net, precision="fp32", cache_dir=self.cache_dir, digest=self.digest)
+            onnx_bytes = fp32.artefact(key, module, x).read_bytes()
+        else:
+            onnx_bytes = _export_onnx(module, x, key)
         if self.precision == "int8":
             calib = self.calibration if self.calibration is not None else calibration_images(self.net)
             calib = _pixels(calib)

@@ -71,9 +71,7 @@ def choose_channels_last(device: torch.device | str, precision: str, *, training
         return True, f"channels_last and NCHW tie for training at {px} on a CPU without bf16 units"
     if precision == "bf16":
         return True, f"bf16 training on AMX runs NHWC kernels: channels_last is faster at {px}"
-    if large:
-        return False, f"fp32 training at {px} runs faster in NCHW on this CPU"
-    return True, f"channels_last and NCHW tie for fp32 training at {px}"
+    return False, f"fp32 training on AVX-512 is as fast or faster in NCHW at {px} (measured at 32 and 224 px)"
 
 
 def resolve_device(device: str | None = None) -> torch.device:
