@@ -173,12 +173,14 @@ def _preprocessing(source: Mapping[str, Any]) -> dict[str, Any] | None:
             "input_range": float(done.get("input_range", 1.0))}
 
 
-def build_model(cfg: TrainConfig, num_classes: int, *, log: Log = print,
-                source: Mapping[str, Any] | None = None) -> VGG:
+def build_model(cfg: TrainConfig, num_classes: int, *, log: Log = print, source: Mapping[str, Any] | None = None,
+                class_names: list[str] | None = None) -> VGG:
     """The net of `cfg` with `num_classes` outputs, started from `cfg.init_from` when set.
 
     `source` is the already loaded `cfg.init_from` (vggnet.checkpoint.load_checkpoint), read
-    again when omitted. Logs what was loaded, re-initialised and frozen.
+    again when omitted. The last FC layer is re-initialised when the class count differs, or
+    when both the weights and `class_names` name their classes and the names differ (digits 0-4
+    -> 5-9). Logs what was loaded, re-initialised and frozen.
     """
     if cfg.init_from and source is None:
         source = load_checkpoint(cfg.init_from)
@@ -187,7 +189,10 @@ def build_model(cfg: TrainConfig, num_classes: int, *, log: Log = print,
                 dropout=cfg.dropout, init=cfg.init)
     if source is None:
         return model
-    report = _load_start(model, source, cfg)
+    known = (source.get("meta") or {}).get("class_names")
+    new_classes = int(source["model_args"]["num_classes"]) != num_classes or bool(
+        known and class_names and [str(c) for c in known] != [str(c) for c in class_names])
+    report = _load_start(model, source, cfg, new_classes=new_classes)
     if cfg.finetune == "head":
         for name, p in model.features.named_parameters():
             p.requires_grad_(False)
@@ -196,11 +201,10 @@ def build_model(cfg: TrainConfig, num_classes: int, *, log: Log = print,
     return model
 
 
-def _load_start(model: VGG, source: Mapping[str, Any], cfg: TrainConfig) -> InitReport:
+def _load_start(model: VGG, source: Mapping[str, Any], cfg: TrainConfig, *, new_classes: bool) -> InitReport:
     """Load `source` into `model`: the same net (fine-tune, new classes re-initialised) or net A (warm start)."""
     src_args, state = source["model_args"], dict(source["state_dict"])
     last = f"classifier.{len(model.classifier) - 1}"
-    new_classes = int(src_args["num_classes"]) != model.num_classes
     if src_args["config"] == cfg.config:
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith(last + ".")}
         if new_classes:  # the last FC layer is the one part that cannot carry over to other classes
@@ -500,26 +504,27 @@ class Trainer:
     @classmethod
     def create(cls, cfg: TrainConfig, *, procs: _Procs, device: str, resume: bool, force: bool, log: Log) -> Trainer:
         """Check the run directory, load the data and the starting weights, build the optimiser."""
-        run = RunDir(cfg.out or procs.broadcast(str(_fresh(default_run_dir(cfg.config or "net", cfg.data)))))
+        source = load_checkpoint(cfg.init_from) if cfg.init_from and not resume else None
+        cfg = resolve_net(cfg, source)  # config.yaml records the resolved net
+        run = RunDir(cfg.out or procs.broadcast(str(_fresh(default_run_dir(cfg.config, cfg.data)))))
         if resume:
             run.require_checkpoint()
         elif procs.main:
             run.check_new(force=force)
         resumed = load_checkpoint(run.last) if resume else None  # on the CPU: RNG states must stay CPU tensors
-        source = load_checkpoint(cfg.init_from) if cfg.init_from and not resume else None
-        cfg = resolve_net(dataclasses.replace(cfg, out=str(run.path)), source)  # config.yaml records the resolved net
+        cfg = dataclasses.replace(cfg, out=str(run.path))
         if procs.main:
             run.create().write_config(cfg.to_dict())
         _seed_everything(cfg.seed + procs.rank)
         bundle = _build_data(cfg, source or resumed)
-        runtime = resolve_runtime(device, cfg.precision, cfg.channels_last)
+        runtime = resolve_runtime(device, cfg.precision, cfg.channels_last, training=True, image_size=bundle.image_size)
         if runtime.device.type == "cuda":
             torch.backends.cudnn.benchmark = True          # fixed input sizes: let cuDNN pick the fastest kernels
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         _log_header(log, cfg, bundle, runtime, procs, run)
         model = build_model(dataclasses.replace(cfg, init_from=None) if resume else cfg, bundle.num_classes,
-                            log=log, source=source)
+                            log=log, source=source, class_names=list(bundle.class_names))
         if resume and cfg.finetune == "head":
             model.features.requires_grad_(False)
         model = runtime.prepare(model)
@@ -744,9 +749,8 @@ def _log_header(log: Log, cfg: TrainConfig, bundle: DataBundle, runtime: Runtime
         log(f"data: {note}")
     log(f"sizes: {_sizes_line(cfg, bundle)}")
     log(f"preprocessing: mean {_fmt(bundle.mean)} std {_fmt(bundle.std)} ({_mean_std_reason(cfg)})")
-    memory = "auto: the faster format here" if cfg.channels_last is None else (
-        "--channels-last" if cfg.channels_last else "--no-channels-last")
-    log(f"{runtime} ({memory}); {cfg.workers} loader worker{'s' * (cfg.workers != 1)}; "
+    memory = "" if cfg.channels_last is None else (" (--channels-last)" if cfg.channels_last else " (--no-channels-last)")
+    log(f"{runtime}{memory}; {cfg.workers} loader worker{'s' * (cfg.workers != 1)}; "
         f"torch.compile {'on' if cfg.compile else 'off'}; {procs.world} process{'es' if procs.world > 1 else ''}")
     stall = cfg.lr_patience + 1
     mult = f", conv layers at lr x {cfg.features_lr_mult:g}" if cfg.features_lr_mult != 1 and cfg.finetune == "all" else ""
