@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..runtime import ENGINES, INFERENCE_PRECISIONS, PRECISIONS
 
 __all__ = ["add_weights_args", "add_flip_args", "add_runtime_args", "add_test_scale_arg", "add_json_arg",
-           "add_force_arg", "deprecated", "runtime_from", "attach_engines", "emit_json", "check_writable", "positive"]
+           "add_force_arg", "deprecated", "runtime_from", "attach_engines", "open_test_data", "emit_json", "check_writable", "positive"]
 
 
 def _int_at_least(minimum: int, words: str):
@@ -137,6 +137,34 @@ def attach_engines(nets, runtime, args: argparse.Namespace, *, images: int | Non
         line = attach_engine(net, runtime, engine=getattr(args, "engine", "auto"),
                              precision="int8" if args.precision == "int8" else None, images=images)
         print(f"vggnet {args.verb}: {net.name}: {line}", file=sys.stderr)
+
+
+def open_test_data(data: str | None, nets, split: str, *, strict: bool, draft: int):
+    """(dataset, class names, a name for messages) of `split` of `data`, or of the nets' own data.
+
+    Without --data: the embedded digits for digits nets, else the folder the checkpoints record.
+    Images are decoded at least at `draft` px (the largest Q), and never below the nets' crop, as
+    training's val/test decoded them, so centre-crop figures agree with the run's own.
+    """
+    from ..data import eval_images
+
+    meta = nets[0].meta
+    where = data
+    if data is None:
+        if all(n.meta.get("name") == "digits" for n in nets):
+            where = "digits"
+        elif meta.get("data") and all(n.meta.get("data") == meta["data"] for n in nets):
+            data = where = meta["data"]  # the data the checkpoint was trained on, as recorded in it
+        else:
+            raise UserError(f"--data is needed: {nets[0].name} was trained on {meta.get('name', 'unknown data')}, "
+                            f"not the embedded digits (for ImageNet weights give an ImageFolder with val/CLASS/*)")
+    kwargs = {"seed": int(meta.get("seed") or 0), "strict": strict, "draft": max(draft, nets[0].image_size)}
+    if meta.get("name") == "synthetic":
+        kwargs.update(image_size=nets[0].image_size, synthetic_size=int(meta.get("synthetic_size") or 512))
+    dataset, class_names = eval_images(data, split, **kwargs)
+    if len(dataset) == 0:
+        raise UserError(f"expected images in {where} ({split}), found none")
+    return dataset, class_names, str(where)
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

@@ -34,23 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _dataset(args: argparse.Namespace, nets: list[Net], *, draft: int):
-    from ..data import eval_images
-
-    meta = nets[0].meta
-    data, where = args.data, args.data
-    if data is None:
-        if all(n.meta.get("name") == "digits" for n in nets):
-            where = "digits"
-        elif meta.get("data") and all(n.meta.get("data") == meta["data"] for n in nets):
-            data = where = meta["data"]  # the data the checkpoint was trained on, as recorded in it
-        else:
-            raise UserError(f"--data is needed: {nets[0].name} was trained on {meta.get('name', 'unknown data')}, "
-                            f"not the embedded digits (for ImageNet weights give an ImageFolder with val/CLASS/*)")
-    # Decode at the size training's val/test decoded (JPEG draft), so centre-crop figures agree with the run's.
-    kwargs = {"seed": int(meta.get("seed") or 0), "strict": args.strict, "draft": max(draft, nets[0].image_size)}
-    if meta.get("name") == "synthetic":
-        kwargs.update(image_size=nets[0].image_size, synthetic_size=int(meta.get("synthetic_size") or 512))
-    dataset, class_names = eval_images(data, args.split, **kwargs)
+    dataset, class_names, where = common.open_test_data(args.data, nets, args.split, strict=args.strict, draft=draft)
     if not class_names:
         raise UserError(f"{where} holds images without labels; eval needs class folders or a labelled dataset "
                         f"(use `vggnet predict` for unlabelled images)")

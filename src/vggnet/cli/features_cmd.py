@@ -38,7 +38,7 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=common.non_negative, default=0, help="image-loading processes (default 0)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     common.add_force_arg(p, "an existing output, or an unfinished extraction with other arguments")
-    common.add_runtime_args(p, inference=False)
+    common.add_runtime_args(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,35 +57,22 @@ def load(args: argparse.Namespace) -> tuple[Net, FeatureExtractor]:
     """The net and the extractor the flags describe."""
     net = load_net(args.weights, config=args.config, num_classes=args.classes)
     scales = parse_scales(args.test_scale, net) if args.test_scale else None
+    runtime = common.runtime_from(args)
     extractor = FeatureExtractor(net=net, layer=args.layer, scales=scales, aggregate=args.aggregate, flip=args.flip,
-                                 runtime=common.runtime_from(args), batch_size=args.batch_size)
+                                 runtime=runtime, batch_size=args.batch_size)
     return net, extractor
 
 
 def open_split(args: argparse.Namespace, net: Net, split: str, draft: int) -> tuple[Any, list[str], str]:
     """(dataset, class names, a name for messages) of `split` of --data (default: the net's own data)."""
-    from ..data import eval_images
-
-    data, where = args.data, args.data
-    if data is None:
-        if net.meta.get("name") == "digits":
-            where = "digits"
-        elif net.meta.get("data"):
-            data = where = net.meta["data"]
-        else:
-            raise UserError(f"--data is needed: {net.name} does not record the data it was trained on")
-    kwargs: dict[str, Any] = {"seed": int(net.meta.get("seed") or 0), "strict": args.strict, "draft": draft}
-    if net.meta.get("name") == "synthetic":
-        kwargs.update(image_size=net.image_size, synthetic_size=int(net.meta.get("synthetic_size") or 512))
-    dataset, class_names = eval_images(data, split, **kwargs)
-    if len(dataset) == 0:
-        raise UserError(f"expected images in {where} ({split}), found none")
+    dataset, class_names, where = common.open_test_data(args.data, [net], split, strict=args.strict, draft=draft)
     return dataset, class_names, f"{where} ({split})"
 
 
 def extract(args: argparse.Namespace, extractor: FeatureExtractor, dataset: Any, class_names: list[str],
             out: Path, where: str) -> Path:
     """Run the extraction with a progress bar on stderr."""
+    common.attach_engines([extractor.net], extractor.runtime, args, images=len(dataset))
     print(f"vggnet: describing {len(dataset)} images of {where}: layer {extractor.layer}, Q "
           f"{','.join(map(str, extractor.scales))}, {extractor.aggregate}, {extractor.dim} columns; "
           f"{extractor.runtime}", file=sys.stderr)
