@@ -13,7 +13,7 @@ import torch
 
 from vggnet import engines
 from vggnet.data import build_data, eval_images
-from vggnet.engines import (CompiledEngine, OnnxEngine, attach_engine, choose_engine, default_cache_dir,
+from vggnet.engines import (CastEngine, CompiledEngine, OnnxEngine, attach_engine, choose_engine, default_cache_dir,
                             export_int8_onnx, weights_digest)
 from vggnet.errors import UserError
 from vggnet.evaluate import dense_pooled, posteriors
@@ -171,3 +171,31 @@ def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "vggnet"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir().parts[-2:] == (".cache", "vggnet")
+
+
+def test_cast_engine_equals_autocast_and_follows_weight_changes(digits, meta):
+    net = _net(meta)
+    bf16 = Runtime(CPU, "bf16", True)
+    x = net.normalise(digits[:64]).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = net.model(x).float()
+    engine = CastEngine(bf16)
+    cast = engine("crop", net.model, x)
+    assert cast.dtype == torch.float32
+    assert (cast.argmax(1) == autocast.argmax(1)).float().mean() >= 0.95
+    assert _rel(cast, autocast) <= 5e-2          # bf16 has 8 bits of mantissa; the two differ only in rounding
+    assert next(net.model.parameters()).dtype == torch.float32   # the net itself is untouched
+    with torch.no_grad():
+        net.model.classifier[-1].bias.add_(10.0)             # a change in place: the bf16 copy is rebuilt
+    assert torch.allclose(engine("crop", net.model, x), cast + 10.0, atol=0.5)
+
+
+def test_auto_casts_bf16_weights_once_on_cpus_with_bf16_units(meta, monkeypatch):
+    import vggnet.engines as engines
+
+    monkeypatch.setattr(engines, "hardware_class", lambda device: "cpu-bf16")
+    net = _net(meta)
+    line = attach_engine(net, Runtime(CPU, "bf16", True))
+    assert isinstance(net.engine, CastEngine) and "engine eager" in line
+    attach_engine(net, FP32)
+    assert net.engine is None

@@ -25,6 +25,7 @@ that class where it pays for its start-up cost; `AUTO_CHOICE` holds the decision
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -43,7 +44,7 @@ from .runtime import ENGINES, Runtime, hardware_class
 
 __all__ = ["ENGINES", "AUTO_CHOICE", "ORT_MIN_IMAGES", "CALIBRATION_IMAGES", "attach_engine", "choose_engine",
            "calibration_images", "default_cache_dir", "weights_digest", "export_int8_onnx", "OnnxEngine",
-           "CompiledEngine"]
+           "CastEngine", "CompiledEngine"]
 
 # The engine "auto" takes for (hardware class, precision), and why: measured with `vggnet bench`
 # (BENCHMARKS.md). "onnxruntime?" means onnxruntime when it pays for its export (see ORT_MIN_IMAGES).
@@ -52,7 +53,8 @@ AUTO_CHOICE: dict[tuple[str, str], tuple[str, str]] = {
                                       "on CPUs without bf16 units (AVX2)"),
     ("cpu", "bf16"): ("eager", "bf16 is emulated on this CPU; no engine makes it fast"),
     ("cpu-bf16", "fp32"): ("eager", "eager channels_last (oneDNN, AVX-512) is faster than onnxruntime fp32 here"),
-    ("cpu-bf16", "bf16"): ("eager", "eager bf16 autocast on AMX with channels_last is the fastest measured path"),
+    ("cpu-bf16", "bf16"): ("eager", "eager bf16 on AMX with channels_last, weights cast to bf16 once (1.3x faster "
+                                    "than autocast, which casts the 138M weights on every pass)"),
     ("cuda", "fp32"): ("eager", "cuDNN eager; compilation costs more than it saves for a test run"),
     ("cuda", "bf16"): ("eager", "cuDNN eager; compilation costs more than it saves for a test run"),
     ("cuda", "fp16"): ("eager", "cuDNN eager; compilation costs more than it saves for a test run"),
@@ -220,6 +222,32 @@ class OnnxEngine:
         return torch.from_numpy(out).to(x.device)
 
 
+class CastEngine:
+    """Eager PyTorch in bf16 with the weights cast once, not on every pass.
+
+    Under autocast each forward re-casts every fp32 weight to bf16 (for VGG-16, 138M values: about
+    30% of a bf16 pass on a 2-core AMX CPU, by profile); here each module gets one bf16 copy (keyed
+    like the other engines), rebuilt only when its parameters change in place. Inputs are cast to
+    bf16, outputs come back as fp32.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._copies: dict[str, tuple[int, nn.Module]] = {}
+
+    def __call__(self, key: str, module: nn.Module, x: Tensor) -> Tensor:
+        try:
+            version = sum(p._version for p in module.parameters())
+        except RuntimeError:  # inference tensors keep no version counter (and cannot change outside inference)
+            version = -1
+        found = self._copies.get(key)
+        if found is None or found[0] != version:
+            copy_ = copy.deepcopy(module).to(dtype=self.runtime.dtype).eval()
+            found = self._copies[key] = (version, copy_)
+        with torch.inference_mode():
+            return found[1](x.to(self.runtime.dtype)).float()
+
+
 class CompiledEngine:
     """torch.compile (inductor) with freezing: weights as constants, conv + ReLU fused; one compilation per key."""
 
@@ -282,7 +310,9 @@ def attach_engine(net: Net, runtime: Runtime, *, engine: str = "auto", precision
             cached = probe.path("crop", torch.empty(1, 3, net.image_size, net.image_size)).exists()
         engine, why = choose_engine(runtime, precision, cached=cached, images=images)
     if engine == "eager":
-        net.engine = None
+        # On the CPU, bf16 weights cast once beat autocast's per-pass casts; elsewhere plain eager.
+        cast = runtime.device.type == "cpu" and runtime.precision == "bf16" and precision == "bf16"
+        net.engine = CastEngine(runtime) if cast else None
     elif engine == "compile":
         net.engine = CompiledEngine(runtime)
     else:
