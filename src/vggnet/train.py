@@ -57,6 +57,7 @@ from .model import VGG, vgg, warm_start
 from .rundir import (DEFAULT_RECIPE, RECIPES_DIR, RunDir, TrainConfig, default_run_dir, flag_of, list_recipes,
                      load_recipe, resolve_config, resume_config)
 from .runtime import Runtime, resolve_runtime
+from .weights import read_weights
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "TrainingFailed", "TrainingDiverged", "RECIPES_DIR",
            "DEFAULT_RECIPE", "list_recipes", "load_recipe", "resolve_config", "resume_config", "train", "train_step",
@@ -177,13 +178,13 @@ def build_model(cfg: TrainConfig, num_classes: int, *, log: Log = print, source:
                 class_names: list[str] | None = None) -> VGG:
     """The net of `cfg` with `num_classes` outputs, started from `cfg.init_from` when set.
 
-    `source` is the already loaded `cfg.init_from` (vggnet.checkpoint.load_checkpoint), read
+    `source` is the already loaded `cfg.init_from` (vggnet.weights.read_weights: any format), read
     again when omitted. The last FC layer is re-initialised when the class count differs, or
     when both the weights and `class_names` name their classes and the names differ (digits 0-4
     -> 5-9). Logs what was loaded, re-initialised and frozen.
     """
     if cfg.init_from and source is None:
-        source = load_checkpoint(cfg.init_from)
+        source = read_weights(cfg.init_from)
     cfg = resolve_net(cfg, source)
     model = vgg(cfg.config, batch_norm=cfg.batch_norm, num_classes=num_classes, head=cfg.head,
                 dropout=cfg.dropout, init=cfg.init)
@@ -234,9 +235,9 @@ def pretrained(weights: str | os.PathLike, *, num_classes: int | None = None, fi
 
     With `num_classes` different from the file's, the last FC layer is re-initialised (timm's
     `reset_classifier`); `finetune="head"` freezes the conv layers. The file's preprocessing is
-    in `load_checkpoint(weights)["meta"]` (see vggnet.nets.load_net for a net ready to test).
+    in `read_weights(weights)["meta"]` (see vggnet.nets.load_net for a net ready to test).
     """
-    source = load_checkpoint(weights)
+    source = read_weights(weights)
     cfg = resolve_net(TrainConfig(config=None, batch_norm=None, head=None, dropout=dropout, init="glorot",
                                   init_from=str(weights), finetune=finetune), source)
     classes = num_classes or int(source["model_args"]["num_classes"])
@@ -504,7 +505,7 @@ class Trainer:
     @classmethod
     def create(cls, cfg: TrainConfig, *, procs: _Procs, device: str, resume: bool, force: bool, log: Log) -> Trainer:
         """Check the run directory, load the data and the starting weights, build the optimiser."""
-        source = load_checkpoint(cfg.init_from) if cfg.init_from and not resume else None
+        source = read_weights(cfg.init_from) if cfg.init_from and not resume else None
         cfg = resolve_net(cfg, source)  # config.yaml records the resolved net
         run = RunDir(cfg.out or procs.broadcast(str(_fresh(default_run_dir(cfg.config, cfg.data)))))
         if resume:
