@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 import sys
 from pathlib import Path
 
 from ..bench import FULL, QUICK, SECTIONS, format_markdown, run_benchmark
-from ..checkpoint import atomic_write
 from ..configs import config_of
 from ..errors import UserError
+from . import common
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also measure the top-1 agreement of bf16 and int8 with fp32 of this checkpoint or run "
                         "directory on its test split")
     p.add_argument("--agreement-limit", type=int, default=None, metavar="N", help="only the first N test images")
-    p.add_argument("--json", metavar="FILE", default=None, help="write the full result as JSON")
+    common.add_json_arg(p)
     p.set_defaults(run=run)
 
 
@@ -66,13 +65,16 @@ def run(args: argparse.Namespace) -> int:
         "vggnet bench"
 
     def write(result: dict) -> None:
-        if args.json:
-            atomic_write(args.json, json.dumps(result, indent=2) + "\n")
+        if args.json not in (None, "-"):  # after every section: a run cut short keeps what it measured
+            common.emit_json(args.json, result)
 
     result = run_benchmark(configs=configs, plan=plan, device=args.device, sections=sections, compile=args.compile,
                            workers=args.workers, agreement=args.agreement, agreement_limit=args.agreement_limit,
                            command=command, on_section=write,  # a run cut short keeps its finished sections
                            progress=lambda s: print(f"vggnet bench: {s} ...", file=sys.stderr, flush=True))
-    print(format_markdown(result))
-    write(result)
+    if args.json == "-":
+        common.emit_json("-", result)
+    else:
+        print(format_markdown(result))
+        write(result)
     return 0
