@@ -500,11 +500,12 @@ def eval_images(data: str | None, split: str = "test", *, seed: int = 0, strict:
         if not samples:
             raise UserError(f"expected images ({', '.join(IMAGE_EXTENSIONS)}) in {data}, found no readable ones")
         return ImageFileDataset(samples=samples, strict=strict, draft=draft), classes
-    if name == "imagefolder" and split == "test" and not (root / "test").is_dir():
-        log.warning("%s has no test/ folder; evaluating on val/", root)
-        split = "val"
+    fallback = name == "imagefolder" and split == "test" and not (root / "test").is_dir()
+    split = "val" if fallback else split
     native = _resolve_sizes(name, None, image_size, None, None)[2] if name == "synthetic" else 0
     src = _open(name, root, splits=(split,), seed=seed, strict=strict, synthetic_size=synthetic_size, native=native)
+    if fallback:                                # said only once the data opened: an error stays one line
+        log.warning("%s has no test/ folder; evaluating on val/", root)
     ds = src.splits[split]
     if isinstance(ds, ImageFileDataset):
         ds.draft = draft
@@ -880,11 +881,13 @@ def _index_classes(d: Path, classes: list[str], strict: bool) -> tuple[list[tupl
         if not found:
             raise UserError(f"class folder {d / c} has no images; expected image files ({', '.join(IMAGE_EXTENSIONS)})")
         files += [(p, label) for p in found]
-    good = _verify([p for p, _ in files], strict)
-    samples = [(str(p), label) for (p, label), ok in zip(files, good) if ok]
+    reasons = _verify([p for p, _ in files], strict)
+    samples = [(str(p), label) for (p, label), why in zip(files, reasons) if why is None]
     for label, c in enumerate(classes):
         if not any(lab == label for _, lab in samples):
-            raise UserError(f"class folder {d / c} has no readable images; every file in it is corrupt")
+            first = next(why for (_, lab), why in zip(files, reasons) if lab == label)
+            raise UserError(f"class folder {d / c} has no readable images; every file in it is unreadable ({first})")
+    _log_skipped(reasons)
     return samples, len(files) - len(samples)
 
 
@@ -896,8 +899,10 @@ def _index_loose(root: Path, *, strict: bool, labelled: bool) -> tuple[list[tupl
         return samples, classes, skipped
     files = [root] if root.is_file() else [p for p in sorted(root.iterdir())
                                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    good = _verify(files, strict)
-    return [(str(p), -1) for p, ok in zip(files, good) if ok], [], len(files) - sum(good)
+    reasons = _verify(files, strict)
+    _log_skipped(reasons)
+    samples = [(str(p), -1) for p, why in zip(files, reasons) if why is None]
+    return samples, [], len(files) - len(samples)
 
 
 def _check_image(path: Path) -> str | None:
@@ -925,18 +930,22 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _verify(paths: list[Path], strict: bool) -> list[bool]:
-    """Check every file (threads: this is mostly I/O); log or, when strict, raise for bad ones."""
+def _verify(paths: list[Path], strict: bool) -> list[str | None]:
+    """Why each file is unusable, or None (threads: this is mostly I/O); raises for the first bad one when strict."""
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         reasons = list(pool.map(_check_image, paths, chunksize=64))
     bad = [r for r in reasons if r]
     if bad and strict:
         raise UserError(f"{bad[0]}; run without --strict to skip such files")
+    return reasons
+
+
+def _log_skipped(reasons: list[str | None]) -> None:
+    bad = [r for r in reasons if r]
     for r in bad[:_WARN_LINES]:
         log.warning("skipping %s", r)
     if len(bad) > _WARN_LINES:
         log.warning("skipping %d more unreadable images", len(bad) - _WARN_LINES)
-    return [r is None for r in reasons]
 
 
 # --------------------------------------------------------------------------- statistics
