@@ -283,7 +283,7 @@ def test_study_hook(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "vggnet.studydata", types.SimpleNamespace(build_splits=build_splits))
     b = build_data("study", seed=2, mean_std="imagenet")
-    assert made["seed"] == 2 and (b.name, b.class_names, b.data, b.hflip) == ("study", ["x", "y", "z"], "study", True)
+    assert made["seed"] == 2 and (b.name, b.class_names, b.data, b.hflip) == ("study", ["x", "y", "z"], "study", False)
     assert (b.image_size, b.train_scale, b.eval_scale) == (canvas, (canvas, canvas), canvas)
     assert (len(b.train), len(b.val), len(b.test)) == (12, 6, 6) and b.val[0][0].shape == (3, canvas, canvas)
     ev, names = eval_images("study", "test", seed=2)

@@ -95,6 +95,8 @@ SPLITS = ("train", "val", "test")
 _EXPECTED = ("a CIFAR-10/100 python-format directory (cifar-10-batches-py/ or cifar-100-python/) "
              "or an ImageFolder tree (DIR/train/CLASS/*.jpg, optional DIR/val/CLASS/*, DIR/test/CLASS/*)")
 _WARN_LINES = 20                            # per-file warnings before only the total is logged
+# Sources whose mirror image is another thing (a mirrored 2 is no 2): no random flips by default.
+_NO_FLIP = ("digits", "study")
 _OPEN_LOCK = threading.Lock()               # guards the warnings filter while PIL parses a header
 
 
@@ -436,8 +438,8 @@ def build_data(data: str | None = None, *, image_size: int | None = None,
     `sizes_reason`). test_scale is eval_scale under the CLI's name (either may be given).
     mean_std: "dataset" (per-channel mean/std of the training split; ImageFolder: estimated on a
     seeded sample of up to 500 training images) or "imagenet". lighting: std of the PCA colour
-    shift, 0 disables it. hflip: random horizontal flip; None means on, except for digits (a
-    mirrored digit is not that digit). Bad input raises UserError.
+    shift, 0 disables it. hflip: random horizontal flip; None means on, except for digits and the
+    study's digits (a mirrored digit is not that digit). Bad input raises UserError.
     """
     q_given = _one_test_scale(eval_scale, test_scale)
     if mean_std not in ("dataset", "imagenet"):
@@ -458,7 +460,7 @@ def build_data(data: str | None = None, *, image_size: int | None = None,
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean, std = _dataset_stats(src.splits["train"], seed)
-    flip = name != "digits" if hflip is None else hflip
+    flip = name not in _NO_FLIP if hflip is None else hflip
     _set_transform(src.splits["train"], train_transform(image_size=size, train_scale=scale, mean=mean, std=std,
                                                         lighting=lighting, hflip=flip), draft=max(scale[1], size))
     ev = eval_transform(image_size=size, eval_scale=q, mean=mean, std=std)
