@@ -224,31 +224,9 @@ CASES = [
 ]
 
 # Cases that fail today because of code this file's author does not own: who must fix what.
-XFAIL: dict[str, str] = {
-    "convert good intofile/c.pt": "cli/convert_cmd.py: check OUT with common.check_writable(args.out, flag='OUT') "
-                                  "before reading IN (today NotADirectoryError from mkdir: a traceback, exit 1)",
-    "probe --features zero --test zero": "probe.py's features reader: an empty file raises EOFError from np.load; "
-                                         "catch every Exception there and raise UserError naming the file",
-    "bench --json intofile/b.json --sections agreement --agreement zero":
-        "cli/bench_cmd.py: check --json with check_writable and load --agreement weights before any section "
-        "runs (today a progress line, then the error after the work)",
-    "bench --agreement zero --sections agreement": "cli/bench_cmd.py: load/validate --agreement before printing "
-                                                    "'vggnet bench: agreement ...' (two lines on stderr today)",
-    "train --data hostile --synthetic-size 8 --head compact --image-size 32 --epochs 1 --batch-size 8 --workers 0":
-        "train.py: open the data (build_data) before creating the run directory (today --out gets config.yaml, "
-        "then --data is refused)",
-    "train --data photo --synthetic-size 8 --head compact --image-size 32 --epochs 1 --batch-size 8 --workers 0":
-        "train.py: open the data (build_data) before creating the run directory (today --out gets config.yaml, "
-        "then --data is refused)",
-    "train FAST --json intofile/t.json --out dir/t15": "cli/train_cmd.py: check --json with common.check_writable "
-                                                       "before training (today the run trains, writes its run "
-                                                       "directory, then fails)",
-}
-# Cases that must not even run until fixed: they do the whole work first (minutes).
-NOT_RUN: dict[str, str] = {
-    "study configs --out user": "cli/study_cmd.py: --out onto a folder of user files is not refused (the study "
-                                "runs and writes into it); refuse a non-empty non-study --out unless --force",
-}
+XFAIL: dict[str, str] = {}
+# Cases that must not even run until fixed: they would do the whole work first (minutes).
+NOT_RUN: dict[str, str] = {}
 
 
 def _argv(verb: str, template: str, world: dict[str, str]) -> list[str]:

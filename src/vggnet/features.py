@@ -325,9 +325,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
         else:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"expected a features file written by `vggnet features`, cannot read {path} ({e})") from None
-    if meta.get("format") != _MAGIC:
+    except Exception as e:  # np.load raises EOFError, ValueError, BadZipFile, ... on files that are not ours
+        raise UserError(f"expected a features file written by `vggnet features`, cannot read {path} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _MAGIC:
         raise UserError(f"expected a features file written by `vggnet features`, {path} is something else")
     return meta
 
@@ -338,6 +339,13 @@ def load_features(path: str | os.PathLike) -> Features:
     if not path.is_file():
         raise UserError(f"features file not found: {path}")
     meta = _read_meta(path)
+    try:
+        return _read_rows(path, meta)
+    except Exception as e:  # a file whose header is ours but whose rows are torn or edited
+        raise UserError(f"cannot read the features in {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_rows(path: Path, meta: dict[str, Any]) -> Features:
     labelled = bool(meta["class_names"])
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as z:

@@ -534,7 +534,7 @@ def _plot(path: Path, plan: StudyPlan, records: Sequence[dict], claims: Sequence
 
 
 def run_study(name: str, *, out: str | os.PathLike | None = None, seeds: int = 1, quick: bool = False,
-              jobs: int = 1, epochs: int | None = None, data: str | None = None,
+              jobs: int = 1, epochs: int | None = None, data: str | None = None, force: bool = False,
               on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
     """Train the grid `name` (skipping finished cells), test it, write OUT/report.md, results.json, study.png.
 
@@ -542,15 +542,15 @@ def run_study(name: str, *, out: str | os.PathLike | None = None, seeds: int = 1
     """
     plan = plan_study(name, seeds=seeds, quick=quick, epochs=epochs, data=data)
     out = Path(out or Path("studies") / (f"{name}-quick" if quick else name))
-    return run_plan(plan, out, jobs=jobs, on_cell_done=on_cell_done, log=log)
+    return run_plan(plan, out, jobs=jobs, force=force, on_cell_done=on_cell_done, log=log)
 
 
-def run_plan(plan: StudyPlan, out: Path, *, jobs: int = 1,
+def run_plan(plan: StudyPlan, out: Path, *, jobs: int = 1, force: bool = False,
              on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None, log=print) -> dict[str, Any]:
     """`run_study` for an explicit plan (a custom grid): train, test, report into `out`."""
     start = time.perf_counter()
     name, quick, seeds = plan.name, plan.quick, len({c.seed for c in plan.cells})
-    _check_folder(plan, out)
+    _check_folder(plan, out, force=force)
     summaries = train_cells(plan, out, jobs=jobs, on_cell_done=on_cell_done, log=log)
     records = evaluate_cells(plan, out, log=log)
     wall = time.perf_counter() - start
@@ -572,8 +572,19 @@ def run_plan(plan: StudyPlan, out: Path, *, jobs: int = 1,
     return {"report": report, "claims": claims, "records": records, "out": out}
 
 
-def _check_folder(plan: StudyPlan, out: Path) -> None:
-    """A finished cell in OUT must have been trained for as many epochs as this plan asks."""
+_STUDY_FILES = {"runs", "evals", "report.md", "results.json", "study.png"}
+
+
+def _check_folder(plan: StudyPlan, out: Path, *, force: bool = False) -> None:
+    """OUT is new, empty or a study folder (never a folder of someone's files, unless `force`), and a
+    finished cell in it was trained for as many epochs as this plan asks."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out expects a folder, got the file {out}")
+    if out.is_dir() and not force:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _STUDY_FILES and not p.name.startswith("."))
+        if foreign:
+            raise UserError(f"--out {out} holds files that are not a vggnet study ({', '.join(foreign[:3])}"
+                            f"{' ...' if len(foreign) > 3 else ''}); choose a new or empty folder, or pass --force")
     for cell in plan.cells:
         done = _summary(out / "runs" / cell.name)
         if done is None:

@@ -514,10 +514,10 @@ class Trainer:
             run.check_new(force=force)
         resumed = load_checkpoint(run.last) if resume else None  # on the CPU: RNG states must stay CPU tensors
         cfg = dataclasses.replace(cfg, out=str(run.path))
+        _seed_everything(cfg.seed + procs.rank)
+        bundle = _build_data(cfg, source or resumed)  # bad data is refused before anything is written
         if procs.main:
             run.create().write_config(cfg.to_dict())
-        _seed_everything(cfg.seed + procs.rank)
-        bundle = _build_data(cfg, source or resumed)
         runtime = resolve_runtime(device, cfg.precision, cfg.channels_last, training=True, image_size=bundle.image_size)
         if runtime.device.type == "cuda":
             torch.backends.cudnn.benchmark = True          # fixed input sizes: let cuDNN pick the fastest kernels

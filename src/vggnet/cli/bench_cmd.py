@@ -11,6 +11,7 @@ from pathlib import Path
 from ..bench import FULL, QUICK, SECTIONS, format_markdown, run_benchmark
 from ..configs import config_of
 from ..errors import UserError
+from ..nets import load_net
 from . import common
 
 
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("section agreement needs --agreement CHECKPOINT (a digits checkpoint or run directory)")
     if args.agreement and not Path(args.agreement).exists():
         raise UserError(f"--agreement expects a checkpoint file or run directory, got {args.agreement!r} (not found)")
+    if args.agreement:
+        load_net(args.agreement)  # a file that is not weights is refused now, not after minutes of timing
+    if args.json not in (None, "-"):
+        common.check_writable(args.json, flag="--json")
     plan = QUICK if args.quick else FULL
     if args.budget is not None:
         if args.budget < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..weights import convert
+from . import common
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,5 +21,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    common.check_writable(args.output, flag="OUT")
     print(convert(args.input, args.output, force=args.force))
     return 0

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..model import HEADS, INITS
 from ..rundir import FINETUNE, MEAN_STD, describe_recipes, resolve_config, resume_config
 from ..train import TrainingFailed, train
-from .common import add_force_arg, add_json_arg, add_runtime_args, deprecated, emit_json
+from .common import add_force_arg, add_json_arg, add_runtime_args, check_writable, deprecated, emit_json
 
 # Flags whose dest is a TrainConfig field of the same name (numbers are parsed, and refused by name, there).
 _SETTINGS = ("config", "batch_norm", "head", "init", "dropout", "init_from", "finetune", "features_lr_mult", "data",
@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         for name, description in describe_recipes().items():
             print(f"{name:<20} {description}")
         return 0
+    if args.json not in (None, "-"):
+        check_writable(args.json, flag="--json")
     overrides = _overrides(args)
     if args.resume:
         cfg = resume_config(args.resume, recipe=args.recipe, **overrides)
