@@ -64,7 +64,7 @@ def test_digits_images_are_upsampled_rgb_and_normalised_with_train_stats():
     assert label2 == label and torch.allclose(y, (x - m) / s, atol=1e-5)
     assert b.meta() == {"name": "digits", "class_names": b.class_names, "num_classes": 10, "mean": list(b.mean),
                         "std": list(b.std), "image_size": 32, "train_scale": [32, 48], "eval_scale": 32,
-                        "data": None, "seed": 1, "hflip": False}
+                        "data": None, "seed": 1, "hflip": False, "input_range": 1.0}
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -284,7 +284,8 @@ def test_study_hook(monkeypatch):
     monkeypatch.setitem(sys.modules, "vggnet.studydata", types.SimpleNamespace(build_splits=build_splits))
     b = build_data("study", seed=2, mean_std="imagenet")
     assert made["seed"] == 2 and (b.name, b.class_names, b.data, b.hflip) == ("study", ["x", "y", "z"], "study", False)
-    assert (b.image_size, b.train_scale, b.eval_scale) == (canvas, (canvas, canvas), canvas)
+    s = round(canvas * 256 / 224)  # the paper's S = Q = 256 for 224 crops, in proportion: 55 for 48
+    assert (b.image_size, b.train_scale, b.eval_scale) == (canvas, (s, s), s) == (48, (55, 55), 55)
     assert (len(b.train), len(b.val), len(b.test)) == (12, 6, 6) and b.val[0][0].shape == (3, canvas, canvas)
     ev, names = eval_images("study", "test", seed=2)
     assert ev[0][0].dtype == torch.uint8 and names == ["x", "y", "z"]
@@ -376,7 +377,7 @@ def test_bad_data_directories(tmp_path, case, pattern):
 
 
 def test_bad_arguments():
-    with pytest.raises(UserError, match="mean_std"):
+    with pytest.raises(UserError, match="--mean-std must be"):
         build_data(mean_std="median")
     with pytest.raises(UserError, match=r"^--image-size 32 must be <= the training scale S \(--train-scale 24 40\)"):
         build_data(image_size=32, train_scale=(24, 40))

@@ -35,12 +35,13 @@ import os
 import pickle
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -375,6 +376,7 @@ class DataBundle:
     sizes_reason: str = ""                      # one line for the log: the crop, S and Q, and why
     suggested_head: str | None = None           # "compact" when the crops are small; None: no opinion
     holdout: float | None = None                # fraction of train/ held out as val (ImageFolder without val/)
+    input_range: float = 1.0                    # pixels are scaled to [0, input_range] before mean/std (Caffe: 255)
 
     @property
     def test_scale(self) -> int:
@@ -386,7 +388,7 @@ class DataBundle:
         out = {"name": self.name, "class_names": list(self.class_names), "num_classes": self.num_classes,
                "mean": list(self.mean), "std": list(self.std), "image_size": self.image_size,
                "train_scale": list(self.train_scale), "eval_scale": self.eval_scale,
-               "data": self.data, "seed": self.seed, "hflip": self.hflip}
+               "data": self.data, "seed": self.seed, "hflip": self.hflip, "input_range": self.input_range}
         if self.synthetic_size is not None:
             out["synthetic_size"] = self.synthetic_size
         return out
@@ -429,7 +431,7 @@ def sizes_for_images(short_side: int) -> tuple[int, tuple[int, int], int, str]:
 
 def build_data(data: str | None = None, *, image_size: int | None = None,
                train_scale: tuple[int, int] | None = None, eval_scale: int | None = None,
-               test_scale: int | None = None, mean_std: str = "dataset", lighting: float = 0.1,
+               test_scale: int | None = None, mean_std: str | Mapping[str, Any] = "dataset", lighting: float = 0.1,
                strict: bool = False, seed: int = 0, synthetic_size: int = 512,
                hflip: bool | None = None) -> DataBundle:
     """Open a data source and wrap its splits in the paper's train and test transforms.
@@ -437,13 +439,14 @@ def build_data(data: str | None = None, *, image_size: int | None = None,
     Sizes left as None follow the data (`default_sizes`, `sizes_for_images`; the reason is in
     `sizes_reason`). test_scale is eval_scale under the CLI's name (either may be given).
     mean_std: "dataset" (per-channel mean/std of the training split; ImageFolder: estimated on a
-    seeded sample of up to 500 training images) or "imagenet". lighting: std of the PCA colour
+    seeded sample of up to 500 training images), "imagenet", or the preprocessing of the weights
+    training starts from ({"mean", "std", "input_range"}: e.g. Caffe's 0-255 minus the mean). lighting: std of the PCA colour
     shift, 0 disables it. hflip: random horizontal flip; None means on, except for digits and the
     study's digits (a mirrored digit is not that digit). Bad input raises UserError.
     """
     q_given = _one_test_scale(eval_scale, test_scale)
-    if mean_std not in ("dataset", "imagenet"):
-        raise UserError(f"mean_std (--set mean_std=) must be 'dataset' or 'imagenet', got {mean_std!r}")
+    if not isinstance(mean_std, Mapping) and mean_std not in ("dataset", "imagenet"):
+        raise UserError(f"--mean-std must be 'dataset', 'imagenet' or 'weights', got {mean_std!r}")
     if not np.isfinite(lighting) or lighting < 0:
         raise UserError(f"--lighting must be a finite number >= 0 (0 disables the colour shift), got {lighting}")
     if synthetic_size < 1:
@@ -456,14 +459,19 @@ def build_data(data: str | None = None, *, image_size: int | None = None,
         reason += (f"; no val/ folder: a seeded stratified {src.holdout:.0%} of train/ ({len(src.splits['val'])} "
                    f"images) is held out for validation")
 
-    if mean_std == "imagenet":
+    input_range = 1.0
+    if isinstance(mean_std, Mapping):  # the preprocessing of the weights training starts from
+        mean, std = tuple(map(float, mean_std["mean"])), tuple(map(float, mean_std["std"]))
+        input_range = float(mean_std.get("input_range", 1.0))
+    elif mean_std == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean, std = _dataset_stats(src.splits["train"], seed)
     flip = name not in _NO_FLIP if hflip is None else hflip
     _set_transform(src.splits["train"], train_transform(image_size=size, train_scale=scale, mean=mean, std=std,
-                                                        lighting=lighting, hflip=flip), draft=max(scale[1], size))
-    ev = eval_transform(image_size=size, eval_scale=q, mean=mean, std=std)
+                                                        lighting=lighting, hflip=flip, input_range=input_range),
+                   draft=max(scale[1], size))
+    ev = eval_transform(image_size=size, eval_scale=q, mean=mean, std=std, input_range=input_range)
     for split in ("val", "test"):
         if src.splits.get(split) is not None:
             _set_transform(src.splits[split], ev, draft=eval_draft(size, q))
@@ -472,7 +480,8 @@ def build_data(data: str | None = None, *, image_size: int | None = None,
                       std=tuple(std), image_size=size, train_scale=scale, eval_scale=q, skipped=src.skipped,
                       data=str(root) if root else (None if name == "digits" else name),
                       seed=seed, synthetic_size=synthetic_size if name == "synthetic" else None, hflip=flip,
-                      sizes_reason=reason, suggested_head="compact" if size < 224 else None, holdout=src.holdout)
+                      sizes_reason=reason, suggested_head="compact" if size < 224 else None, holdout=src.holdout,
+                      input_range=input_range)
 
 
 def eval_draft(image_size: int, test_scale: int) -> int:
@@ -601,8 +610,9 @@ def _resolve_sizes(name: str, src: _Source | None, image_size, train_scale,
         d_size, d_scale, d_q, what, why = _imagefolder_sizes(src, size)
     elif name == "study":
         canvas = int(src.splits["train"].images.shape[-1])
-        d_size, d_scale, d_q = size or canvas, (canvas, canvas), canvas
-        what, why = f"the study's images are {canvas}x{canvas} px", "the whole canvas, fixed scale"
+        s_fixed = round(canvas * 256 / 224)  # the paper's S = 256 for 224 crops, in proportion
+        d_size, d_scale, d_q = size or canvas, (s_fixed, s_fixed), s_fixed
+        what, why = f"the study's images are {canvas}x{canvas} px", "the paper's S = Q = 256 for 224 crops, in proportion"
     else:
         d_size, d_scale, d_q = default_sizes(name, size)
         what = f"{name} images are {d_q}x{d_q} px" if d_q < 224 else f"{name} images"
