@@ -14,16 +14,17 @@ Choices, and why:
   before the last stage and the FC layers narrow them to the 5 source classes.
 - the probe follows the paper's Caltech-101 protocol, 30 training images per class and 3 random
   splits (the other images of 5-9 are the test set), with one change: C is not chosen on 20% held
-  out. Here that is 6 images per class, too few to rank C (ties go to the smallest C, the one that fits
-  the descriptors worst), and the choice then decided
-  which representation won more than the representation did. Both training sets are linearly
+  out. Here that is 6 images per class, too few to rank C (ties go to the smallest C, the one
+  that fits the descriptors worst), and the choice then decided which representation won more
+  than the representation did. Both training sets are linearly
   separable (150 points in 512 or 1,024 dimensions), so both get the largest C of the probe's grid,
   100: the SVM fits them exactly, and liblinear converges there (not at 1,000).
 - the pixels get the same L2 normalisation as the descriptors, so the comparison is of the
   representation alone. One of the three equal channels of the grey digits is used: every inner
   product, hence the SVM, is the same as with all three, in a third of the time.
 - 130 training images per class for 2 epochs keeps the file under 50 s of CPU (35 s on a quiet
-  2-core machine): about 20 SGD steps, after which the net's held-out top-1 on 0-4 varies with the seed (98, 92, 58% for seeds 0-2) while the comparison below does not.
+  2-core machine): about 20 SGD steps, after which the net's held-out top-1 on 0-4 varies with
+  the seed (98, 92, 58% for seeds 0-2) while the comparison below does not.
 """
 
 from __future__ import annotations
