@@ -212,7 +212,7 @@ def test_cli_eval_bad_inputs(tmp_path, capsys):
     fails("--weights", str(ckpt), "--classes", "7", match="classifier.6.weight (10, 512) vs (7, 512)")
     fails("--weights", str(ckpt), str(five), match="disagree in classes: digits.pt has 10, five.pt has 5")
     fails("--weights", str(five), match="the data has 10 classes, five.pt was trained on 5")
-    fails("--weights", str(tmp_path / "nope.pt"), match="checkpoint not found")
+    fails("--weights", str(tmp_path / "nope.pt"), match="weights file not found")
     (tmp_path / "empty").mkdir()
     fails("--weights", str(ckpt), "--data", str(tmp_path / "empty"), match="empty")
     other = tmp_path / "other.pt"

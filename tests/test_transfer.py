@@ -64,7 +64,8 @@ def net(digits, tmp_path_factory) -> vggnet.Net:
     rng = np.random.default_rng(0)
     for c in SOURCE:
         idx = rng.permutation(np.flatnonzero(y == c))
-        for split, chosen in (("val", idx[:VAL_PER_CLASS]), ("train", idx[VAL_PER_CLASS:VAL_PER_CLASS + TRAIN_PER_CLASS])):
+        val, train_ = idx[:VAL_PER_CLASS], idx[VAL_PER_CLASS:VAL_PER_CLASS + TRAIN_PER_CLASS]
+        for split, chosen in (("val", val), ("train", train_)):
             (root / split / str(c)).mkdir(parents=True)
             for i in chosen:
                 Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / str(c) / f"{i}.png")

@@ -102,9 +102,9 @@ def test_eval_transform_is_the_deterministic_centre_crop():
     a, b = t(x), t(x)
     assert torch.equal(a, b) and a.shape == (3, 32, 32)
     from torchvision.transforms.v2 import functional as F
-    r = F.resize(x, [36], antialias=True)                               # 36 x 54
+    r = F.resize(x.float() / 255, [36], antialias=True)                 # 36 x 54, rescaled in float (the test view)
     assert r.shape == (3, 36, 54)
-    crop = r[:, 2:34, 11:43].float() / 255                              # centred 32 x 32
+    crop = r[:, 2:34, 11:43]                                            # centred 32 x 32
     assert torch.allclose(a, (crop - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1), atol=1e-6)
     pil = Image.fromarray(x.permute(1, 2, 0).numpy())
     assert torch.equal(t(pil), t(pil)) and t(pil).shape == (3, 32, 32)

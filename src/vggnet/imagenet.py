@@ -38,7 +38,7 @@ def imagenet_meta() -> dict[str, Any]:
 def complete_meta(meta: Mapping[str, Any], model_args: Mapping[str, Any]) -> dict[str, Any]:
     """Fill in what a checkpoint's meta lacks, so every net can be evaluated the same way.
 
-    1,000 classes without class names are ImageNet weights (torchvision's, or the authors' Caffe
+    1,000 classes without class names, from a file that names no data, are ImageNet weights (torchvision's, or the authors' Caffe
     files, Keras's, timm's): ImageNet's class names and test protocol, with whatever preprocessing
     the file recorded (ImageNet mean/std when it recorded none). Otherwise missing fields fall back to: class names "0".."N-1", ImageNet mean/std, the head's natural input size
     (224 for the paper's head, 32 for the compact one), Q = input * 256/224 (torchvision's ratio),
@@ -46,7 +46,7 @@ def complete_meta(meta: Mapping[str, Any], model_args: Mapping[str, Any]) -> dic
     """
     num_classes = int(model_args["num_classes"])
     out = dict(meta)
-    if num_classes == 1000 and not out.get("class_names"):
+    if num_classes == 1000 and not out.get("class_names") and not out.get("name"):
         # ImageNet weights from elsewhere (torchvision, Caffe, Keras, timm): ImageNet's names and test
         # protocol, keeping whatever preprocessing the file recorded.
         out = {**imagenet_meta(), **{k: v for k, v in out.items() if v is not None}}

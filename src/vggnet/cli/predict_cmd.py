@@ -10,7 +10,7 @@ from ..checkpoint import atomic_write
 from ..errors import UserError
 from ..evaluate import METHODS
 from ..nets import load_net
-from ..predict import format_predictions, image_cam, image_paths, overlay, predict, read_image
+from ..predict import check_image_size, format_predictions, image_cam, image_paths, overlay, predict, read_image
 from . import common
 
 
@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     paths = image_paths(args.images)
     cam_paths = _cam_paths(args.cam, paths, args.force) if args.cam else []
     images = [read_image(p) for p in paths]
+    for path, image in zip(paths, images):
+        check_image_size(net, image, str(path))  # refused before any engine is prepared
     runtime = common.runtime_from(args)
     common.attach_engines([net], runtime, args, images=len(images))
     preds = predict(net, images, names=[str(p) for p in paths], method=args.method, scale=scale,
