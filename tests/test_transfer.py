@@ -57,28 +57,9 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def net(digits, tmp_path_factory) -> vggnet.Net:
-    """A net trained on digits 0-4 only, from an ImageFolder of PNGs, loaded from its run directory."""
-    x, y = digits
-    root = tmp_path_factory.mktemp("digits0-4")
-    rng = np.random.default_rng(0)
-    for c in SOURCE:
-        idx = rng.permutation(np.flatnonzero(y == c))
-        val, train_ = idx[:VAL_PER_CLASS], idx[VAL_PER_CLASS:VAL_PER_CLASS + TRAIN_PER_CLASS]
-        for split, chosen in (("val", val), ("train", train_)):
-            (root / split / str(c)).mkdir(parents=True)
-            for i in chosen:
-                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / str(c) / f"{i}.png")
-    run = tmp_path_factory.mktemp("run") / "digits0-4"
-    # The digits recipe's optimisation; its image settings apply to the built-in digits only, and
-    # these PNGs are those digits, so they are given back: 32 px, S in [32, 36], no flips or lighting.
-    cfg = resolve_config(None, data=str(root), epochs=2, batch_size=64, lr=0.02, image_size=32,
-                         train_scale=(32, 36), test_scale=Q, lighting=0.0, hflip=False, seed=0,
-                         precision="fp32", workers=0, out=str(run))
-    summary = train(cfg)
-    # a net that learned nothing of its own task (chance: 20%) would make the comparison meaningless
-    assert summary["best_val_top1"] >= 50, summary["best_val_top1"]
-    return vggnet.load_net(run)
+def net(digits_0_4_run) -> vggnet.Net:
+    """The net conftest.digits_0_4_run trained on digits 0-4 only, loaded from its run directory."""
+    return vggnet.load_net(digits_0_4_run)
 
 
 def _probe(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
