@@ -17,7 +17,7 @@ from vggnet.data import open_image
 from vggnet.errors import UserError
 from vggnet.model import vgg
 
-SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _image_bytes(fmt: str) -> bytes:

@@ -49,11 +49,17 @@ def test_exact_parameter_counts(config, batch_norm):
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_torchvision_weights_load_and_outputs_match(config, batch_norm):
     name = TORCHVISION[config] + ("_bn" if batch_norm else "")
-    theirs = getattr(torchvision.models, name)(weights=None).eval()
+    # Outputs are compared on two of the eight (a plain and a BN net: initialising 130M+ weights
+    # costs seconds each); keys and shapes, which decide whether weights load, on all eight.
+    compare_outputs = (config, batch_norm) in (("A", False), ("D", True))
+    with torch.device("cpu" if compare_outputs else "meta"):
+        theirs = getattr(torchvision.models, name)(weights=None).eval()
     with torch.device("meta"):  # skip our own init: every tensor is replaced by theirs below
         ours = vggnet.vgg(config, batch_norm=batch_norm).eval()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    if not compare_outputs:
+        return
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
@@ -156,7 +162,7 @@ def test_warm_start_refuses_mismatches():
         vggnet.warm_start(deep, {})
 
 
-@pytest.mark.parametrize("config", ["A", "C"])
+@pytest.mark.parametrize("config", ["C"])   # every model at 32 px: test_registry.py
 def test_dense_form_equals_model_at_224(config):
     torch.manual_seed(0)
     model = vggnet.vgg(config, num_classes=20).eval()
