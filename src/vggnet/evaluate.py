@@ -33,6 +33,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
 from .errors import UserError
+from .metrics import correct_topk
 from .nets import Net
 from .runtime import Runtime, resolve_runtime
 from .transforms import rescale, to_float
@@ -351,9 +352,9 @@ def evaluate(nets: Sequence[Net], dataset: Any, *, methods: Sequence[str] | None
                 if len(nets) > 1:
                     combined["ensemble"] = torch.stack(member).mean(0)
                 for w, p in combined.items():
-                    top = p.topk(k, dim=1).indices
-                    correct[(w, m, s)][0] += int((top[:, 0] == labels).sum())
-                    correct[(w, m, s)][1] += int((top == labels[:, None]).any(dim=1).sum())
+                    c1, ck = correct_topk(p, labels, (1, k))
+                    correct[(w, m, s)][0] += int(c1)
+                    correct[(w, m, s)][1] += int(ck)
         count += len(batch)
         if progress is not None:
             progress(count)
