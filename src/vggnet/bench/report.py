@@ -192,10 +192,12 @@ def _sections(result: dict) -> list[str]:
                     f"{p['workers']} workers)",
                 _md(["pipeline", "images/s"], [[k, _f(v, 1)] for k, v in p["images_per_s"].items()])]
     if "multicrop" in result:
-        out += ["", "### dense vs multi-crop (seconds per image, vggnet.evaluate.posteriors)", _md(
-            ["config", "image", "dense", "50-crop", "ratio", "note"],
+        out += ["", "### dense vs multi-crop vs fc7 descriptor (seconds per image, vggnet.evaluate.posteriors, "
+                    "vggnet.features)", _md(
+            ["config", "image", "dense", "50-crop", "ratio", "descriptor", "descriptor / dense", "note"],
             [[c, f"{r['image'][0]}x{r['image'][1]}", _f(r["dense_s_per_image"], 3), _f(r["multicrop_s_per_image"], 3),
-              _f(r["multicrop_over_dense"], 1), r["note"]] for c, r in result["multicrop"].items()])]
+              _f(r["multicrop_over_dense"], 1), _f(r.get("features_s_per_image", math.nan), 3),
+              _f(r.get("features_over_dense", math.nan), 2), r["note"]] for c, r in result["multicrop"].items()])]
     if "profile" in result:
         for c, p in result["profile"].items():
             out += ["", f"### profile: {c}, one pass at {p['size']} px, batch 1 ({p['runtime']}), {p['total_ms']:.0f} ms",

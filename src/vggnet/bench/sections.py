@@ -37,6 +37,7 @@ from ..analysis import count_macs
 from ..engines import ORT_MIN_IMAGES, attach_engine, choose_engine
 from ..errors import UserError
 from ..evaluate import posteriors
+from ..features import FeatureExtractor
 from ..model import vgg
 from ..nets import Net, load_net, net_from_model
 from ..runtime import Runtime, cpu_has_bf16_units, resolve_device, resolve_runtime
@@ -160,7 +161,9 @@ def _engine_nets(model: nn.Module, plan: BenchPlan, device: torch.device, specs:
     calibration = torch.rand(plan.calibration_images, 3, plan.image_size, plan.image_size)
     for spec in specs:
         engine, _, precision = spec.partition(" ")
-        rt = resolve_runtime(str(device), precision or "auto", channels_last=engine == "compile")
+        # int8 is the engine's precision; the runtime around it (inputs, outputs) is fp32
+        rt = resolve_runtime(str(device), "fp32" if precision == "int8" else precision or "auto",
+                             channels_last=engine == "compile")
         if engine == "onnxruntime" and device.type != "cpu":
             continue  # onnxruntime's CPU kernels; a GPU run times eager and compiled paths
         net = net_from_model(model, {"image_size": plan.image_size}, name=spec)
@@ -191,6 +194,14 @@ def bench_inference(config: str, plan: BenchPlan, device: torch.device, *, compi
         nets: dict[str, tuple[Net, Runtime, str]] = {}
         for spec in specs:  # compile runs channels_last, onnxruntime takes NCHW input
             nets.update(_engine_nets(models[("vggnet", spec == "compile")], plan, device, [spec], cache))
+        if default_engine == "eager":
+            # What `vggnet eval` attaches for eager: on a bf16 CPU, the weights cast to bf16 once (CastEngine)
+            net = net_from_model(models[("vggnet", default_rt.channels_last)], {"image_size": plan.image_size},
+                                 name="default")
+            attach_engine(net, default_rt, engine="eager")
+            if net.engine is not None:
+                nets["cast"] = (net, default_rt, default_rt.precision)
+                default_engine = "cast"
         for i, batch in enumerate(plan.infer_batches):
             x = torch.randn(batch, 3, plan.image_size, plan.image_size)
             fast, slow = {}, {}
@@ -324,7 +335,8 @@ def bench_pipeline(plan: BenchPlan, *, workers: int | None = None) -> dict:
 
 
 def bench_multicrop(config: str, plan: BenchPlan, device: torch.device) -> dict:
-    """Seconds per image of `vggnet.evaluate.posteriors` "dense" against "multicrop" (section 3.2).
+    """Seconds per image of `vggnet.evaluate.posteriors` "dense" against "multicrop" (section 3.2), and of
+    Appendix B's descriptor (`vggnet.features.FeatureExtractor`, fc7) against dense evaluation.
 
     One 4:3 image at shorter side Q = eval_scale, default runtime and engine: dense runs the
     fully-convolutional net on the image and its flip; multi-crop a 5x5 grid of crops and their
@@ -339,11 +351,16 @@ def bench_multicrop(config: str, plan: BenchPlan, device: torch.device) -> dict:
         how = attach_engine(net, rt, engine=engine, cache_dir=cache, images=ORT_MIN_IMAGES)
         fns = {p: functools.partial(posteriors, net, image, p, q, runtime=rt, batch_size=64)
                for p in ("dense", "multicrop")}
+        # Appendix B's descriptor at the same Q and batch: `vggnet features` runs this extractor
+        fns["features"] = FeatureExtractor(net=net, layer="fc7", scales=(q,), runtime=rt, batch_size=64)
+        fns["features"] = functools.partial(fns["features"], image)
         times = _timed(plan, fns, device)
     dense_s, crops_s = median(times["dense"]), median(times["multicrop"])
+    features_s = median(times["features"])
     return {"config": config, "head": plan.multicrop_head, "image": [q, round(q * 4 / 3)], "crop": crop,
             "runtime": str(rt), "engine": how, "dense_s_per_image": dense_s, "multicrop_s_per_image": crops_s,
-            "multicrop_over_dense": crops_s / dense_s, "reps": {k: len(v) for k, v in times.items()},
+            "multicrop_over_dense": crops_s / dense_s, "features_s_per_image": features_s,
+            "features_over_dense": features_s / dense_s, "reps": {k: len(v) for k, v in times.items()},
             "note": "" if plan.multicrop_head == "paper" else f"{plan.multicrop_head} head at {crop} px (quick plan)"}
 
 
