@@ -200,3 +200,14 @@ def test_auto_casts_bf16_weights_once_on_cpus_with_bf16_units(meta, monkeypatch)
     assert isinstance(net.engine, CastEngine) and "engine eager" in line
     attach_engine(net, FP32)
     assert net.engine is None
+
+
+def test_weights_digest_covers_batch_norm_nets():
+    from vggnet.engines import weights_digest
+
+    torch.manual_seed(0)
+    model = vgg("A", batch_norm=True, head="compact", num_classes=3)   # holds 0-d num_batches_tracked tensors
+    before = weights_digest(model)
+    with torch.no_grad():
+        model.features[1].running_var[0] += 1.0
+    assert weights_digest(model) != before and len(before) == 64
