@@ -284,8 +284,8 @@ def test_study_hook(monkeypatch):
     monkeypatch.setitem(sys.modules, "vggnet.studydata", types.SimpleNamespace(build_splits=build_splits))
     b = build_data("study", seed=2, mean_std="imagenet")
     assert made["seed"] == 2 and (b.name, b.class_names, b.data, b.hflip) == ("study", ["x", "y", "z"], "study", False)
-    s = round(canvas * 256 / 224)  # the paper's S = Q = 256 for 224 crops, in proportion: 55 for 48
-    assert (b.image_size, b.train_scale, b.eval_scale) == (canvas, (s, s), s) == (48, (55, 55), 55)
+    s = canvas * 256 // 224  # the paper's S = Q = 256 for 224 crops, in proportion: 54 for 48 (36 for 32)
+    assert (b.image_size, b.train_scale, b.eval_scale) == (canvas, (s, s), s) == (48, (54, 54), 54)
     assert (len(b.train), len(b.val), len(b.test)) == (12, 6, 6) and b.val[0][0].shape == (3, canvas, canvas)
     ev, names = eval_images("study", "test", seed=2)
     assert ev[0][0].dtype == torch.uint8 and names == ["x", "y", "z"]

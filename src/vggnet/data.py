@@ -610,7 +610,7 @@ def _resolve_sizes(name: str, src: _Source | None, image_size, train_scale,
         d_size, d_scale, d_q, what, why = _imagefolder_sizes(src, size)
     elif name == "study":
         canvas = int(src.splits["train"].images.shape[-1])
-        s_fixed = round(canvas * 256 / 224)  # the paper's S = 256 for 224 crops, in proportion
+        s_fixed = canvas * 256 // 224  # the paper's S = 256 for 224 crops, in proportion
         d_size, d_scale, d_q = size or canvas, (s_fixed, s_fixed), s_fixed
         what, why = f"the study's images are {canvas}x{canvas} px", "the paper's S = Q = 256 for 224 crops, in proportion"
     else:
