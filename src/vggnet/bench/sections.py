@@ -387,12 +387,14 @@ def profile_inference(config: str, plan: BenchPlan, device: torch.device, *, top
 
 def precision_agreement(checkpoint: str | os.PathLike, *, precisions: Sequence[str] = ("bf16", "int8"),
                         device: str | None = "cpu", batch_size: int = 64, limit: int | None = None,
-                        split: str = "test", cache_dir: str | os.PathLike | None = None) -> dict:
+                        split: str = "test", cache_dir: str | os.PathLike | None = None,
+                        protocol: str = "center") -> dict:
     """Top-1 agreement of a checkpoint's predictions in each of `precisions` with fp32, on its data's test split.
 
-    Every pass is `vggnet.evaluate.posteriors` with the centre protocol at the net's Q, as
-    `vggnet eval --methods center` runs it; int8 goes through `vggnet.engines` (onnxruntime,
-    calibrated on the net's training images, cached in `cache_dir`).
+    Every pass is `vggnet.evaluate.posteriors` with `protocol` ("center" or "dense") at the net's Q,
+    as `vggnet eval --methods PROTOCOL` runs it, through the engine `vggnet eval` attaches: int8 on
+    onnxruntime (calibrated on the net's training images, cached in `cache_dir`), bf16 eager with the
+    weights cast once on CPUs.
     """
     from ..data import eval_images
 
@@ -406,14 +408,13 @@ def precision_agreement(checkpoint: str | os.PathLike, *, precisions: Sequence[s
     for prec in dict.fromkeys(("fp32", *precisions)):
         rt = resolve_runtime(str(dev), "fp32" if prec == "int8" else prec)
         net.to(rt)
-        net.engine = None
-        if prec == "int8":
-            attach_engine(net, rt, engine="onnxruntime", precision="int8", cache_dir=cache_dir)
+        attach_engine(net, rt, engine="onnxruntime" if prec == "int8" else "eager",
+                      precision="int8" if prec == "int8" else None, cache_dir=cache_dir)
         t0 = time.perf_counter()
-        preds[prec] = posteriors(net, images, "center", net.eval_scale, runtime=rt, batch_size=batch_size).argmax(1)
+        preds[prec] = posteriors(net, images, protocol, net.eval_scale, runtime=rt, batch_size=batch_size).argmax(1)
         seconds[prec] = time.perf_counter() - t0
     net.engine = None
-    return {"checkpoint": str(checkpoint), "split": split, "images": n, "protocol": "center", "device": str(dev),
+    return {"checkpoint": str(checkpoint), "split": split, "images": n, "protocol": protocol, "device": str(dev),
             "agreement": {p: float((preds["fp32"] == v).float().mean()) for p, v in preds.items() if p != "fp32"},
             "top1": {p: float((v == labels).float().mean()) for p, v in preds.items()},
             "changed": {p: int((preds["fp32"] != v).sum()) for p, v in preds.items() if p != "fp32"},
