@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import math
 import os
-import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from .runtime import Runtime, resolve_runtime
 from .transforms import rescale, to_float
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "GRID", "Row", "dense_pooled", "parse_methods",
-           "parse_scales", "max_test_scale", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
+           "parse_scales", "same_size_batches", "max_test_scale", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
            "format_table", "check_classes"]
 
 METHODS = ("center", "dense", "multicrop", "multicrop+dense")
@@ -222,15 +221,23 @@ def posteriors(net: Net, images: Sequence[Tensor], protocol: str, q: int, *, run
     """
     _check_scale(net, protocol, q)
     out = torch.empty(len(images), net.num_classes)
+    for idx, x in same_size_batches(images, runtime.device):
+        out[idx] = _PROTOCOLS[protocol](net, rescale(x, q), runtime, batch_size).cpu()
+    return out
+
+
+def same_size_batches(images: Sequence[Tensor], device: torch.device) -> Iterator[tuple[list[int], Tensor]]:
+    """Images of any sizes as (indices, float batch in [0, 1] on `device`), one batch per size.
+
+    UserError for anything that is not an RGB image 3 x H x W.
+    """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(tuple(img.shape), []).append(i)
     for shape, idx in groups.items():
         if len(shape) != 3 or shape[0] != 3:
             raise UserError(f"expected RGB images of shape 3 x H x W, got {list(shape)}")
-        x = rescale(to_float(torch.stack([images[i] for i in idx])).to(runtime.device), q)
-        out[idx] = _PROTOCOLS[protocol](net, x, runtime, batch_size).cpu()
-    return out
+        yield idx, to_float(torch.stack([images[i] for i in idx])).to(device)
 
 
 @dataclass(kw_only=True)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_write
 from .errors import UserError
-from .evaluate import dense_pooled, rescale
+from .evaluate import dense_pooled, rescale, same_size_batches
 from .model import MIN_INPUT_SIZE
 from .nets import Net
 from .runtime import Runtime, resolve_runtime
@@ -136,14 +136,7 @@ class FeatureExtractor:
     def __call__(self, images: Tensor | Sequence[Tensor]) -> Tensor:
         batch = list(images)
         out = torch.empty(len(batch), self.dim)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, img in enumerate(batch):
-            groups.setdefault(tuple(img.shape), []).append(i)
-        for shape, idx in groups.items():
-            if len(shape) != 3 or shape[0] != 3:
-                raise UserError(f"expected RGB images of shape 3 x H x W, got {list(shape)}")
-            x = torch.stack([batch[i] for i in idx]).to(self.runtime.device)
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        for idx, x in same_size_batches(batch, self.runtime.device):
             out[idx] = self._describe(x).cpu()
         return out
 
