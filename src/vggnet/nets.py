@@ -29,6 +29,7 @@ from .imagenet import complete_meta
 from .model import VGG, VGGFullyConv
 from .runtime import Runtime
 from .transforms import normalize
+from .weights import read_weights
 
 __all__ = ["Net", "load_net", "net_from_model"]
 
@@ -130,9 +131,7 @@ def load_net(path: str | os.PathLike, *, config: str | None = None, num_classes:
             overrides["batch_norm"] = batch_norm
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    from .weights import read_weights  # any format: torch files go on to vggnet.checkpoint
-
-    ckpt = read_weights(path)
+    ckpt = read_weights(path)  # any format: torch files go on to vggnet.checkpoint
     model = model_from(ckpt, os.fspath(path), **overrides).to(map_location)
     full = complete_meta(dict(ckpt.get("meta") or {}), model.constructor_args)
     return Net(model=model, meta=full, name=_short_name(path), flip=_default_flip(full) if flip is None else flip)
