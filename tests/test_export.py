@@ -90,3 +90,33 @@ def test_cli_export(net, tmp_path, capsys):
     assert out.is_file() and "N x 3 x H x W (H, W >= 32)" in line and "max |difference| from PyTorch" in line
     assert main(["export", "--weights", str(ckpt), "--format", "torchscript", "--out", str(out), "--config", "D"]) == 2
     assert "does not fit configuration D" in capsys.readouterr().err
+
+
+def test_a_failed_export_keeps_the_previous_file(net, tmp_path, monkeypatch):
+    """A full disk in the middle of an export: the previous export is untouched and no temporary file is left."""
+    import errno
+
+    import vggnet.checkpoint as ckpt
+
+    path = export_torchscript(net, tmp_path / "net.pt")
+    before = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_torchscript(net, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
+
+
+def test_safetensors_export_round_trips_weights_and_preprocessing(net, tmp_path):
+    out = tmp_path / "a.safetensors"
+    assert main(["export", "--weights", str(save_checkpoint(tmp_path / "a.pt", net.model, meta=META)),
+                 "--format", "safetensors", "--out", str(out)]) == 0
+    again = vggnet.load_net(out)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), net.model.eval()(x))
+    assert again.class_names == META["class_names"] and again.meta["mean"] == tuple(META["mean"])
