@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as F
 
-from .data import IMAGE_EXTENSIONS, open_image
+from .images import IMAGE_EXTENSIONS, open_image
 from .errors import UserError
 from .evaluate import METHODS, posteriors
 from .transforms import rescale, to_float
