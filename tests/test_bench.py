@@ -196,3 +196,15 @@ def test_cli_writes_json_and_rejects_bad_sections(tmp_path, capsys):
     assert main(["bench", "--sections", "ceilings,bogus"]) == 2
     assert main(["bench", "--sections", "agreement"]) == 2
     assert "agreement" in SECTIONS
+
+
+def test_engine_rows_build_int8_on_an_fp32_runtime(tmp_path):
+    """The int8 engine row runs inside an fp32 runtime (int8 is the engine's precision, not the runtime's)."""
+    torch.manual_seed(0)
+    model = vgg("A", head="compact", num_classes=3).eval()
+    plan = dataclasses.replace(TINY, calibration_images=2)
+    nets = bench_sections._engine_nets(model, plan, torch.device("cpu"), ["onnxruntime int8"], str(tmp_path))
+    net, rt, precision = nets["onnxruntime int8"]
+    assert (rt.precision, precision) == ("fp32", "int8")
+    out = net.engine("crop", net.model, torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
