@@ -38,7 +38,7 @@ from .runtime import Runtime, resolve_runtime
 from .transforms import rescale, to_float
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "GRID", "Row", "dense_pooled", "parse_methods",
-           "parse_scales", "same_size_batches", "max_test_scale", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
+           "parse_scales", "scale_values", "same_size_batches", "max_test_scale", "default_scales", "training_scales", "rescale", "posteriors", "evaluate",
            "format_table", "check_classes"]
 
 METHODS = ("center", "dense", "multicrop", "multicrop+dense")
@@ -98,6 +98,11 @@ def parse_scales(text: str | None, net: Net) -> tuple[int, ...]:
         return default_scales(net)
     if text.strip() == "train":
         return training_scales(net)
+    return scale_values(text)
+
+
+def scale_values(text: str) -> tuple[int, ...]:
+    """"256,384,512" -> (256, 384, 512): positive integers no larger than memory allows (`max_test_scale`)."""
     try:
         qs = tuple(int(q) for q in text.split(",") if q.strip())
     except ValueError:

@@ -37,6 +37,7 @@ import yaml
 
 from . import checkpoint
 from .configs import config_of
+from .data import MAX_SCALE  # no image side beyond this (the paper trains and tests at 224-512)
 from .errors import UserError
 from .model import HEADS, INITS
 from .runtime import PRECISIONS
@@ -53,7 +54,6 @@ RESUME_OVERRIDES = ("epochs", "workers", "device", "precision", "compile", "chan
 FINETUNE = ("all", "head")
 # None: the --init-from weights' own preprocessing when they record one, else "dataset"
 MEAN_STD = ("dataset", "imagenet", "weights")
-MAX_SCALE = 4096  # no image side beyond this (the paper trains and tests at 224-512)
 # Old setting names still read from config.yaml files and recipes written before the rename.
 _RENAMED = {"eval_scale": "test_scale", "patience": "lr_patience", "scale": "train_scale"}
 # Settings describing the default recipe's digits, not the optimisation: dropped for other --data.

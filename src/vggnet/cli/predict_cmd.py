@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..checkpoint import atomic_write
 from ..errors import UserError
-from ..evaluate import METHODS
+from ..evaluate import METHODS, scale_values
 from ..nets import load_net
 from ..predict import check_image_size, format_predictions, image_cam, image_paths, overlay, predict, read_image
 from . import common
@@ -50,15 +50,10 @@ def _cam_paths(out: str, images: list[Path], force: bool) -> list[Path]:
 def _test_scale(text: str | None) -> int | None:
     if text is None:
         return None
-    try:
-        q = int(text)
-    except ValueError:
-        raise UserError(f"--test-scale expects one positive integer for predict, got {text!r}") from None
-    from ..evaluate import max_test_scale
-
-    if not 1 <= q <= max_test_scale():
-        raise UserError(f"--test-scale must be between 1 and {max_test_scale()} px, got {q}")
-    return q
+    qs = scale_values(text)
+    if len(qs) != 1:
+        raise UserError(f"--test-scale expects one test scale for predict, got {text!r}")
+    return qs[0]
 
 
 def run(args: argparse.Namespace) -> int:
