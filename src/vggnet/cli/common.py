@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,6 @@ def check_writable(path: str | Path, *, flag: str) -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"{flag}: cannot write {path}: {probe} is not a directory")
-    import os
-
     if not os.access(probe, os.W_OK):
         raise UserError(f"{flag}: cannot write {path}: no write permission in {probe}")
     return path
