@@ -281,3 +281,39 @@ def test_unknown_configuration():
     with pytest.raises(ValueError, match="unknown configuration or model 'F'; expected one of A, A-LRN"):
         vggnet.vgg("F")
     assert vggnet.get_model("vgg16c_bn").constructor_args["config"] == "C"
+
+
+def test_width_multiplies_every_layer_and_keeps_the_structure():
+    narrow = vggnet.vgg("C", batch_norm=True, head="compact", num_classes=10, width=0.25)
+    full = vggnet.vgg("C", batch_norm=True, head="compact", num_classes=10)
+    convs = [m for m in narrow.features if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [
+        m.out_channels // 4 for m in full.features if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [m.kernel_size for m in full.features if isinstance(m, nn.Conv2d)]
+    assert convs[0].out_channels == 16 and convs[-1].out_channels == 128
+    assert [m.out_features for m in narrow.classifier if isinstance(m, nn.Linear)] == [128, 128, 10]
+    assert [f["num_chs"] for f in narrow.feature_info] == [16, 32, 64, 128, 128]
+    assert narrow.constructor_args["width"] == 0.25 and "width" not in full.constructor_args
+    x = torch.randn(2, 3, 40, 40)
+    assert narrow.eval()(x).shape == (2, 10)
+    assert torch.allclose(narrow.to_fully_conv()(x).mean((2, 3)), narrow(x), atol=1e-5)  # dense form follows
+    # the paper's nets are untouched by the option (Table 2's counts, state dict keys)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in vggnet.vgg("D", width=1.0).parameters()) == EXACT_PARAMS[("D", False)]
+
+
+@pytest.mark.parametrize("width", [0, -1, 5, True, "0.5", float("nan")])
+def test_width_out_of_range_is_a_value_error(width):
+    with pytest.raises(ValueError, match="width must be a number in"):
+        vggnet.vgg("A", head="compact", width=width)
+
+
+def test_a_narrow_net_round_trips_through_checkpoint_and_bare_state_dict(tmp_path):
+    from vggnet.checkpoint import infer_model_args, load_model, save_checkpoint
+
+    net = vggnet.vgg("B", batch_norm=True, head="compact", num_classes=7, width=0.5).eval()
+    path = save_checkpoint(tmp_path / "n.pt", net)
+    again, _ = load_model(path)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(again(x), net(x)) and again.constructor_args == net.constructor_args
+    assert infer_model_args(net.state_dict()) == net.constructor_args  # a bare state dict says its width

@@ -24,7 +24,7 @@ def test_grids_hold_the_papers_cells():
     assert {c.config for c in plan.cells} == set(CONFIGS)
     assert {c.name for c in plan_study("protocols").cells} == {"D-jitter-s0", "E-jitter-s0"}
     assert len(plan_study("all", quick=True).cells) == 3
-    assert plan_study("configs", quick=True).epochs == 1
+    assert plan_study("configs", quick=True).epochs == 2
 
 
 def test_scales_follow_the_paper_in_proportion():

@@ -127,6 +127,8 @@ def test_flags_are_named_after_the_settings_and_old_spellings_still_work(capsys)
     (["--set", "epochs=many"], "--epochs must be an integer >= 1, got many"),
     (["--set", "batch_norm=3"], "--batch-norm must be true or false, got 3"),
     (["--finetune", "head"], "--finetune head trains the FC layers on frozen features, which need --init-from"),
+    (["--width", "0"], "--width must be a number in [1/64, 4] (1: the paper's channel counts), got 0"),
+    (["--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, message, capsys, tmp_path):
     out = tmp_path / "run"
@@ -303,6 +305,22 @@ def test_warm_start_and_fine_tune_from_a_checkpoint(reference, tmp_path):
     other = save_checkpoint(tmp_path / "b.pt", vt.vgg("B", batch_norm=True, num_classes=10, head="compact"))
     with pytest.raises(UserError, match="expects weights of configuration A .* got configuration B"):
         vt.build_model(resolve_config(None, config="C", init_from=str(other)), 10)
+
+
+def test_a_narrow_adamw_run_and_a_fine_tune_that_takes_its_width_from_the_weights(tmp_path, capsys):
+    out = tmp_path / "narrow"
+    assert main(["train", *TINY, "--epochs", "1", "--workers", "0", "--width", "0.25", "--optimizer", "adamw",
+                 "--lr", "0.001", "--momentum", "0.8", "--out", str(out)]) == 0
+    assert "AdamW lr 0.001 betas (0.8, 0.999)" in capsys.readouterr().out
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["model_args"]["width"] == 0.25 and last["state_dict"]["features.0.weight"].shape[0] == 16
+    state = last["optimizer"]["state"][0]
+    assert set(state) >= {"exp_avg", "exp_avg_sq"}                     # AdamW's moments, not SGD's buffer
+    assert last["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.999)
+    model = vt.build_model(resolve_config(None, init_from=str(out / "checkpoints" / "best.pt")), 3)
+    assert model.width == 0.25 and model.classifier[-1].out_features == 3   # width from the weights, new classes
+    best = load_checkpoint(out / "checkpoints" / "best.pt")["state_dict"]
+    assert torch.equal(model.features[0].weight, best["features.0.weight"])   # the narrow weights loaded
 
 
 def test_plateau_schedule_stops_after_the_allowed_decreases(tmp_path):

@@ -172,21 +172,26 @@ def _shapes(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 def infer_model_args(state_dict: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Any]:
-    """Recognise which VGG a bare state dict belongs to (config, BN, head, classes, input channels)."""
+    """Recognise which VGG a bare state dict belongs to (config, BN, head, classes, input channels, width)."""
     last = [k for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")]
     first = state_dict.get("features.0.weight")
     if not last or first is None:
         raise UserError(f"{source} has no features.0.weight / classifier.*.weight: not a VGG checkpoint")
     last_key = max(last, key=lambda k: int(k.split(".")[1]))
     num_classes, in_channels = state_dict[last_key].shape[0], first.shape[1]
+    width = {"width": first.shape[0] / 64} if first.shape[0] != 64 else {}  # conv1_1 has 64 channels at width 1
     wanted = _shapes(state_dict)
     for config in CONFIGS:
         for batch_norm in (False, True):
             for head in HEADS:
                 args = dict(config=config, batch_norm=batch_norm, num_classes=num_classes,
-                            in_channels=in_channels, head=head)
+                            in_channels=in_channels, head=head, **width)
                 with torch.device("meta"):
-                    candidate = vgg(**args)
+                    try:
+                        candidate = vgg(**args)
+                    except ValueError:  # a width the nets cannot have
+                        raise UserError(f"{source} matches no VGG configuration (its first conv has "
+                                        f"{first.shape[0]} channels)") from None
                 if _shapes(candidate.state_dict()) == wanted:
                     return dict(candidate.constructor_args)
     raise UserError(f"{source} matches no VGG configuration ({len(wanted)} tensors, {num_classes} classes)")

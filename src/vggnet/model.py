@@ -58,7 +58,13 @@ def _local_response_norm() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(size=n, alpha=n * 1e-4, beta=0.75, k=2.0)
 
 
-def _make_features(layers: list[Layer], in_channels: int, batch_norm: bool) -> tuple[nn.Sequential, dict[str, int]]:
+def _scaled(channels: int, width: float) -> int:
+    """A layer's width under the width multiplier (1.0: the paper's)."""
+    return max(1, round(channels * width))
+
+
+def _make_features(layers: list[Layer], in_channels: int, batch_norm: bool,
+                   width: float = 1.0) -> tuple[nn.Sequential, dict[str, int]]:
     """Build `features` and name the output of each ReLU, LRN and stage (relu1_1 ... stage5)."""
     modules: list[nn.Module] = []
     names: dict[str, int] = {}
@@ -73,22 +79,23 @@ def _make_features(layers: list[Layer], in_channels: int, batch_norm: bool) -> t
         else:
             # padding = kernel // 2 keeps the resolution for 3x3 *and* 1x1 convs (the seed's
             # padding=1 grew C's maps by 2 px at every 1x1 conv).
-            modules.append(nn.Conv2d(channels, layer.channels, layer.kernel, padding=layer.kernel // 2))
+            out = _scaled(layer.channels, width)
+            modules.append(nn.Conv2d(channels, out, layer.kernel, padding=layer.kernel // 2))
             if batch_norm:
-                modules.append(nn.BatchNorm2d(layer.channels))
+                modules.append(nn.BatchNorm2d(out))
             modules.append(nn.ReLU(inplace=True))
             names[layer.name.replace("conv", "relu")] = len(modules) - 1
-            channels = layer.channels
+            channels = out
     return nn.Sequential(*modules), names
 
 
-def _make_classifier(head: str, num_classes: int, dropout: float) -> nn.Sequential:
+def _make_classifier(head: str, num_classes: int, dropout: float, width: float = 1.0) -> nn.Sequential:
     """FC-4096, FC-4096, FC-classes with ReLU and dropout after the hidden two (paper), or 512 wide (compact)."""
-    width = _FC_WIDTH[head]
+    hidden, channels = _scaled(_FC_WIDTH[head], width), _scaled(512, width)
     return nn.Sequential(
-        nn.Linear(512 * _POOL_SIZE[head] ** 2, width), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        nn.Linear(width, width), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        nn.Linear(width, num_classes),
+        nn.Linear(channels * _POOL_SIZE[head] ** 2, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
     )
 
 
@@ -117,7 +124,8 @@ def _init_weights(model: nn.Module, scheme: str) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _check_args(*, head: str, init: str, num_classes: int, in_channels: int, dropout: float) -> None:
+def _check_args(*, head: str, init: str, num_classes: int, in_channels: int, dropout: float,
+                width: float = 1.0) -> None:
     """ValueError (not assert, which `python -O` removes) for constructor arguments the net cannot have."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
@@ -128,6 +136,8 @@ def _check_args(*, head: str, init: str, num_classes: int, in_channels: int, dro
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if isinstance(width, bool) or not (isinstance(width, (int, float)) and 1 / 64 <= width <= 4):
+        raise ValueError(f"width must be a number in [1/64, 4] (1: the paper's channel counts), got {width!r}")
 
 
 class VGG(nn.Module):
@@ -136,22 +146,28 @@ class VGG(nn.Module):
     __jit_unused_properties__ = ["activation_names"]
 
     def __init__(self, *, config: str, batch_norm: bool = False, num_classes: int = 1000, in_channels: int = 3,
-                 head: str = "paper", dropout: float = 0.5, init: str = "paper") -> None:
+                 head: str = "paper", dropout: float = 0.5, init: str = "paper", width: float = 1.0) -> None:
         super().__init__()
         config, _ = config_of(config)
-        _check_args(head=head, init=init, num_classes=num_classes, in_channels=in_channels, dropout=dropout)
+        _check_args(head=head, init=init, num_classes=num_classes, in_channels=in_channels, dropout=dropout,
+                    width=width)
         # Everything needed to rebuild this exact net: checkpoints store it (see checkpoint.py).
+        # `width` (a multiplier of every layer's channels, 1: the paper's) is stored only when it is not 1,
+        # so the paper's nets keep the arguments they always had.
         self.constructor_args = dict(config=config, batch_norm=batch_norm, num_classes=num_classes,
                                      in_channels=in_channels, head=head, dropout=dropout, init=init)
+        if width != 1:
+            self.constructor_args["width"] = float(width)
+        self.width = float(width)
         self.config, self.batch_norm, self.head = config, batch_norm, head
         self.in_channels, self.num_classes, self.min_size = in_channels, num_classes, MIN_INPUT_SIZE
         self.layers = parse_config(config)
-        self.features, self.activation_index = _make_features(self.layers, in_channels, batch_norm)
+        self.features, self.activation_index = _make_features(self.layers, in_channels, batch_norm, width)
         self.avgpool = nn.AdaptiveAvgPool2d((_POOL_SIZE[head], _POOL_SIZE[head]))
-        self.classifier = _make_classifier(head, num_classes, dropout)
+        self.classifier = _make_classifier(head, num_classes, dropout, width)
         # One entry per stage (timm's feature_info): channels and stride of the stage's output.
         self.feature_info = [
-            dict(num_chs=512 if stage >= 4 else 64 * 2 ** (stage - 1), reduction=2 ** stage,
+            dict(num_chs=_scaled(512 if stage >= 4 else 64 * 2 ** (stage - 1), width), reduction=2 ** stage,
                  module=f"features.{self.activation_index[f'stage{stage}']}", name=f"stage{stage}")
             for stage in range(1, 6)
         ]
@@ -208,7 +224,7 @@ class VGG(nn.Module):
         Fine-tuning to new classes: every other tensor is kept. Returns the new layer.
         """
         _check_args(head=self.head, init=self.constructor_args["init"], num_classes=num_classes,
-                    in_channels=self.in_channels, dropout=self.constructor_args["dropout"])
+                    in_channels=self.in_channels, dropout=self.constructor_args["dropout"], width=self.width)
         old = self.classifier[-1]
         new = nn.Linear(old.in_features, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
         _init_weights(new, self.constructor_args["init"])
@@ -295,10 +311,13 @@ _FC_OUTPUTS = {"fc6": 1, "fc7": 4}
 
 
 def vgg(config: str, *, batch_norm: bool = False, num_classes: int = 1000, in_channels: int = 3,
-        head: str = "paper", dropout: float = 0.5, init: str = "paper") -> VGG:
-    """Build configuration `config` ("A", "A-LRN", "B", "C", "D", "E") of Table 1."""
+        head: str = "paper", dropout: float = 0.5, init: str = "paper", width: float = 1.0) -> VGG:
+    """Build configuration `config` ("A", "A-LRN", "B", "C", "D", "E") of Table 1.
+
+    `width` multiplies every layer's channel count (0.25: 16-128 conv channels); 1 is the paper's net.
+    """
     return VGG(config=config, batch_norm=batch_norm, num_classes=num_classes, in_channels=in_channels,
-               head=head, dropout=dropout, init=init)
+               head=head, dropout=dropout, init=init, width=width)
 
 
 def list_models() -> list[str]:

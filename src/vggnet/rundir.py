@@ -59,7 +59,8 @@ _RENAMED = {"eval_scale": "test_scale", "patience": "lr_patience", "scale": "tra
 # Settings describing the default recipe's digits, not the optimisation: dropped for other --data.
 _DATA_SIZES = ("image_size", "train_scale", "test_scale", "lighting", "hflip")
 # The net's shape: with --init-from these come from the weights unless a flag (or a recipe) says.
-_NET_FIELDS = ("config", "batch_norm", "head")
+_NET_FIELDS = ("config", "batch_norm", "head", "width")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     config: str | None = "A"
     batch_norm: bool | None = False
     head: str | None = "paper"                # "paper": FC-4096 x2 on 7x7; "compact": FC-512 x2 on 1x1
+    width: float | None = 1.0                 # multiplier of every layer's channels (1: the paper's; 0.25: 16-128)
     init: str = "paper"                       # "paper" N(0, 0.01), "glorot", "kaiming"
     dropout: float = 0.5
     init_from: str | None = None              # net A (warm start), the same net (section 3.1), or any weights (fine-tune)
@@ -86,6 +88,7 @@ class TrainConfig:
     synthetic_size: int = 512
     strict: bool = False
     # the optimisation (section 3.1)
+    optimizer: str = "sgd"                    # "sgd" (the paper's, with momentum); "adamw" (momentum is its beta1)
     epochs: int = 74
     batch_size: int = 256
     lr: float = 1e-2
@@ -251,6 +254,7 @@ _INF = math.inf
 # field -> (kind, accepts(value), expected); kind: "int", "float", "bool", "str" (None allowed where the default is None)
 _RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "dropout": ("float", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "width": ("float", lambda v: 1 / 64 <= v <= 4, "a number in [1/64, 4] (1: the paper's channel counts)"),
     "features_lr_mult": ("float", lambda v: 0 <= v < _INF, "a finite number >= 0"),
     "image_size": ("int", lambda v: 1 <= v <= MAX_SCALE, f"an integer in [1, {MAX_SCALE}]"),
     "test_scale": ("int", lambda v: 1 <= v <= MAX_SCALE, f"an integer in [1, {MAX_SCALE}]"),
@@ -275,6 +279,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "head": ("str", lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "init": ("str", lambda v: v in INITS, f"one of {', '.join(INITS)}"),
     "finetune": ("str", lambda v: v in FINETUNE, f"one of {', '.join(FINETUNE)}"),
+    "optimizer": ("str", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "mean_std": ("str", lambda v: v in MEAN_STD, f"one of {', '.join(MEAN_STD)}"),
     "precision": ("str", lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "config": ("str", lambda v: True, "a configuration name"),

@@ -159,6 +159,8 @@ def resolve_net(cfg: TrainConfig, source: Mapping[str, Any] | None) -> TrainConf
     """Fill what the config leaves to the weights: configuration, batch norm, head, preprocessing."""
     args = source["model_args"] if source is not None else {}
     updates = {k: args[k] for k in ("config", "batch_norm", "head") if getattr(cfg, k) is None and k in args}
+    if cfg.width is None:
+        updates["width"] = float(args.get("width", 1.0))
     if cfg.mean_std is None:
         updates["mean_std"] = "weights" if source is not None and _preprocessing(source) else "dataset"
     return dataclasses.replace(cfg, **updates)
@@ -187,7 +189,7 @@ def build_model(cfg: TrainConfig, num_classes: int, *, log: Log = print, source:
         source = read_weights(cfg.init_from)
     cfg = resolve_net(cfg, source)
     model = vgg(cfg.config, batch_norm=cfg.batch_norm, num_classes=num_classes, head=cfg.head,
-                dropout=cfg.dropout, init=cfg.init)
+                dropout=cfg.dropout, init=cfg.init, width=cfg.width)
     if source is None:
         return model
     known = (source.get("meta") or {}).get("class_names")
@@ -253,6 +255,17 @@ def _param_groups(model: VGG, cfg: TrainConfig) -> list[dict[str, Any]]:
         groups.append({"params": features, "lr": cfg.lr * cfg.features_lr_mult, "lr_mult": cfg.features_lr_mult,
                        "name": "features"})
     return groups
+
+
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW"}
+
+
+def _optimizer(model: VGG, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The paper's SGD with momentum, or AdamW (decoupled weight decay; `momentum` is its beta1)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(cfg.momentum, 0.999),
+                                 weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -529,8 +542,7 @@ class Trainer:
         if resume and cfg.finetune == "head":
             model.features.requires_grad_(False)
         model = runtime.prepare(model)
-        optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+        optimizer = _optimizer(model, cfg)
         net: nn.Module = DistributedDataParallel(model) if procs.world > 1 else model
         eval_net: nn.Module = model
         if cfg.compile:
@@ -755,7 +767,9 @@ def _log_header(log: Log, cfg: TrainConfig, bundle: DataBundle, runtime: Runtime
         f"torch.compile {'on' if cfg.compile else 'off'}; {procs.world} process{'es' if procs.world > 1 else ''}")
     stall = cfg.lr_patience + 1
     mult = f", conv layers at lr x {cfg.features_lr_mult:g}" if cfg.features_lr_mult != 1 and cfg.finetune == "all" else ""
-    log(f"SGD lr {cfg.lr}{mult} momentum {cfg.momentum} weight decay {cfg.weight_decay}, batch {cfg.batch_size}"
+    moment = f"momentum {cfg.momentum}" if cfg.optimizer == "sgd" else f"betas ({cfg.momentum}, 0.999)"
+    log(f"{_OPTIMIZER_NAMES[cfg.optimizer]} lr {cfg.lr}{mult} {moment} weight decay {cfg.weight_decay}, "
+        f"batch {cfg.batch_size}"
         f"{' per process' if procs.world > 1 else ''}; lr / {1 / cfg.lr_factor:g} after {stall} epoch{'s' * (stall > 1)} "
         f"without a better val top-1, {cfg.max_lr_drops} times at most; {cfg.epochs} epochs at most")
     log(f"run directory: {run.path}")

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                "ensemble (Table 6) or all")
     p.add_argument("--seeds", type=common.positive, default=1, help="repeat every cell with seeds 0..N-1 (default 1; "
                                                         "2 or more give confidence intervals)")
-    p.add_argument("--quick", action="store_true", help="a small grid (A fixed and jittered, B jittered; 1 epoch)")
+    p.add_argument("--quick", action="store_true", help="a small grid (A fixed and jittered, B jittered; 2 epochs)")
     p.add_argument("--jobs", type=common.positive, default=1, help="train this many runs at once, in subprocesses sharing the cores")
     p.add_argument("--epochs", type=common.positive, help="epochs per run (default 6; --quick: 1)")
     p.add_argument("--out", metavar="DIR", help="the study folder (default studies/NAME, studies/NAME-quick)")

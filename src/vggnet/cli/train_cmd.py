@@ -18,14 +18,14 @@ import yaml
 
 from ..errors import UserError
 from ..model import HEADS, INITS
-from ..rundir import FINETUNE, MEAN_STD, describe_recipes, resolve_config, resume_config
+from ..rundir import FINETUNE, MEAN_STD, OPTIMIZERS, describe_recipes, resolve_config, resume_config
 from ..train import TrainingFailed, train
 from .common import add_force_arg, add_json_arg, add_runtime_args, check_writable, deprecated, emit_json
 
 # Flags whose dest is a TrainConfig field of the same name (numbers are parsed, and refused by name, there).
-_SETTINGS = ("config", "batch_norm", "head", "init", "dropout", "init_from", "finetune", "features_lr_mult", "data",
+_SETTINGS = ("config", "batch_norm", "head", "width", "init", "dropout", "init_from", "finetune", "features_lr_mult", "data",
              "image_size", "train_scale", "test_scale", "mean_std", "lighting", "hflip", "synthetic_size", "strict",
-             "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_factor", "lr_patience", "max_lr_drops",
+             "optimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_factor", "lr_patience", "max_lr_drops",
              "warmup_epochs", "seed", "workers", "precision", "device", "compile", "channels_last", "out")
 
 
@@ -62,6 +62,8 @@ def _add_net_args(p: argparse.ArgumentParser) -> None:
                        "(default with --init-from: the weights')")
     a("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="batch norm after every conv")
     a("--head", choices=HEADS, help="paper: FC-4096 x2 on a 7x7 map; compact: FC-512 x2 on 1x1 (small images)")
+    a("--width", metavar="W", help="multiply every layer's channel count by W (default 1: the paper's nets; "
+                                   "0.25: 16-128 conv channels, ~16x cheaper)")
     a("--init", choices=INITS, help="weight initialisation: paper N(0, 0.01), glorot, kaiming")
     a("--dropout", metavar="P", help="dropout of the first two FC layers (paper: 0.5)")
     a("--init-from", metavar="WEIGHTS", help="start from a weights file (any format vggnet reads): net A warm-starts "
@@ -92,10 +94,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_optimiser_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
+    a("--optimizer", choices=OPTIMIZERS, help="sgd: the paper's SGD with momentum (default); adamw: AdamW, "
+                                              "--momentum is its beta1")
     a("--epochs", metavar="N", help="epoch budget")
     a("--batch-size", metavar="N", help="images per step (per process under torchrun)")
     a("--lr", metavar="LR", help="initial learning rate (paper: 0.01)")
-    a("--momentum", metavar="M", help="SGD momentum (paper: 0.9)")
+    a("--momentum", metavar="M", help="SGD momentum, or AdamW's beta1 (paper: 0.9)")
     a("--weight-decay", metavar="W", help="L2 weight decay (paper: 5e-4)")
     a("--lr-factor", metavar="F", help="learning-rate decrease factor on a plateau (paper: 0.1)")
     a("--lr-patience", metavar="N", help="stalled epochs tolerated: lr x --lr-factor after N+1 epochs without a "
