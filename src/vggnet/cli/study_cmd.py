@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                         "2 or more give confidence intervals)")
     p.add_argument("--quick", action="store_true", help="a small grid (A fixed and jittered, B jittered; 2 epochs)")
     p.add_argument("--jobs", type=common.positive, default=1, help="train this many runs at once, in subprocesses sharing the cores")
-    p.add_argument("--epochs", type=common.positive, help="epochs per run (default 6; --quick: 1)")
+    p.add_argument("--epochs", type=common.positive, help="epochs per run (default 6; --quick: 2)")
     p.add_argument("--out", metavar="DIR", help="the study folder (default studies/NAME, studies/NAME-quick)")
     p.add_argument("--force", action="store_true", help="write into an --out folder that holds other files")
     p.add_argument("--data", help="study (default: the embedded task of vggnet.studydata), a CIFAR directory or "
