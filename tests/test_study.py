@@ -78,7 +78,10 @@ def test_paired_stats_match_the_t_interval_by_hand():
     ((1.0, 3.0), "lower", "contradicted"),
     ((-1.0, 2.0), "lower", "inconclusive (interval includes 0)"),
     ((-3.0, -1.0), "not_lower", "contradicted (x is better)"),
-    ((-1.0, 2.0), "not_lower", "reproduces (no significant gain)"),
+    ((-1.0, 2.0), "not_lower", "reproduces (no gain beyond 1 point)"),
+    ((-3.0, 2.0), "not_lower", "inconclusive (no significant gain, but the interval allows one of up to 3.0 points)"),
+    ((-2.0, 0.5), "not_higher", "reproduces (no loss beyond 1 point)"),
+    ((-2.0, 4.0), "not_higher", "inconclusive (no significant loss, but the interval allows one of up to 4.0 points)"),
     ((0.5, 2.0), "not_higher", "contradicted (x is worse)"),
 ])
 def test_verdicts(ci, expect, says):
@@ -104,7 +107,8 @@ def test_report_tables_and_claim_lines_from_known_records():
     text, claims = build_report(plan, records)
     lrn = next(c for c in claims if c["claim"].startswith("LRN"))
     assert lrn["n"] == 3 and lrn["diff"] == pytest.approx(4 / 3)
-    assert lrn["verdict"] == "reproduces (no significant gain)"
+    assert lrn["verdict"] == "reproduces (no gain beyond 1 point)"     # d = (1, 2, 1): 95% CI [-0.10, +2.77]
+    assert lrn["ci"] == pytest.approx((4 / 3 - 4.303 * (1 / 3) ** 0.5 / 3 ** 0.5, 4 / 3 + 4.303 * (1 / 3) ** 0.5 / 3 ** 0.5), abs=1e-3)
     row = next(line for line in text.splitlines() if line.startswith("| A "))
     assert [c.strip() for c in row.split("|")[1:-1]] == ["A", "36", "36", "32.00 ± 2.00", "8.00 ± 0.50", "3",
                                                           "29.6 / 10.4"]        # mean ± sample sd over seeds

@@ -334,12 +334,17 @@ def paired_stats(x: Sequence[float], y: Sequence[float], *, confidence: float = 
     return out
 
 
+NO_EFFECT_MARGIN = 1.0  # top-1 error points: "does not help" holds only if the interval rules out a larger gain
+
+
 def verdict(stats: dict[str, Any], expect: str) -> str:
     """Does the difference x - y (errors) show the paper's claim?
 
     expect "lower": x's error is lower; "not_lower": x does not beat y (LRN does not help);
     "not_higher": x is no worse than y (D <= E). With 2+ seeds the t interval decides: it lies
-    wholly on the claim's side (reproduces), wholly on the other (contradicted), or covers 0.
+    wholly on the claim's side (reproduces), wholly on the other (contradicted), or covers 0
+    (inconclusive). A claim of no effect reproduces only when the interval also rules out an
+    effect larger than NO_EFFECT_MARGIN points: absence of significance alone is not evidence.
     """
     if stats["n"] == 0:
         return "not measured in this grid"
@@ -352,9 +357,18 @@ def verdict(stats: dict[str, Any], expect: str) -> str:
     low, high = ci
     if expect == "lower":
         return "reproduces" if high < 0 else "contradicted" if low > 0 else "inconclusive (interval includes 0)"
+    margin = f"{NO_EFFECT_MARGIN:g} point{'s' * (NO_EFFECT_MARGIN != 1)}"
     if expect == "not_lower":
-        return "contradicted (x is better)" if high < 0 else "reproduces (no significant gain)"
-    return "contradicted (x is worse)" if low > 0 else "reproduces (no significant loss)"
+        if high < 0:
+            return "contradicted (x is better)"
+        if low >= -NO_EFFECT_MARGIN:
+            return f"reproduces (no gain beyond {margin})"
+        return f"inconclusive (no significant gain, but the interval allows one of up to {-low:.1f} points)"
+    if low > 0:
+        return "contradicted (x is worse)"
+    if high <= NO_EFFECT_MARGIN:
+        return f"reproduces (no loss beyond {margin})"
+    return f"inconclusive (no significant loss, but the interval allows one of up to {high:.1f} points)"
 
 
 # ----------------------------------------------------------------------------- the report
