@@ -53,8 +53,8 @@ AUTO_CHOICE: dict[tuple[str, str], tuple[str, str]] = {
                                       "on CPUs without bf16 units (AVX2)"),
     ("cpu", "bf16"): ("eager", "bf16 is emulated on this CPU; no engine makes it fast"),
     ("cpu-bf16", "fp32"): ("eager", "eager channels_last (oneDNN, AVX-512) is faster than onnxruntime fp32 here"),
-    ("cpu-bf16", "bf16"): ("eager", "eager bf16 on AMX with channels_last, weights cast to bf16 once (1.3x faster "
-                                    "than autocast, which casts the 138M weights on every pass)"),
+    ("cpu-bf16", "bf16"): ("eager", "eager bf16 on AMX with channels_last, weights cast to bf16 once (VGG-16: 1.3x faster "
+                                    "than autocast, which casts every weight on every pass)"),
     ("cuda", "fp32"): ("eager", "cuDNN eager; compilation costs more than it saves for a test run"),
     ("cuda", "bf16"): ("eager", "cuDNN eager; compilation costs more than it saves for a test run"),
     ("cuda", "fp16"): ("eager", "cuDNN eager; compilation costs more than it saves for a test run"),
