@@ -22,13 +22,15 @@ from .configs import MODELS, Layer, config_of, parse_config
 __all__ = [
     "VGG", "VGGFullyConv", "WarmStartReport", "vgg", "get_model", "list_models", "warm_start",
     "vgg11", "vgg11_bn", "vgg11_lrn", "vgg11_lrn_bn", "vgg13", "vgg13_bn", "vgg16c", "vgg16c_bn",
-    "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "HEADS", "INITS", "MIN_INPUT_SIZE",
+    "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "HEADS", "INITS", "MIN_INPUT_SIZE", "WIDTHS",
 ]
 
 HEADS = ("paper", "compact")
 INITS = ("paper", "glorot", "kaiming")
 # Five 2x2 max-pools halve the map five times: 32 px is the smallest input with a 1x1 final map.
 MIN_INPUT_SIZE = 32
+WIDTHS = (1 / 64, 4)  # the width multipliers a net can have (1: the paper's channel counts)
+WIDTH_EXPECTED = "a number in [1/64, 4] (1: the paper's channel counts)"
 _FC_WIDTH = {"paper": 4096, "compact": 512}
 _POOL_SIZE = {"paper": 7, "compact": 1}
 
@@ -136,8 +138,8 @@ def _check_args(*, head: str, init: str, num_classes: int, in_channels: int, dro
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if isinstance(width, bool) or not (isinstance(width, (int, float)) and 1 / 64 <= width <= 4):
-        raise ValueError(f"width must be a number in [1/64, 4] (1: the paper's channel counts), got {width!r}")
+    if isinstance(width, bool) or not (isinstance(width, (int, float)) and WIDTHS[0] <= width <= WIDTHS[1]):
+        raise ValueError(f"width must be {WIDTH_EXPECTED}, got {width!r}")
 
 
 class VGG(nn.Module):

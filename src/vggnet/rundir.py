@@ -39,7 +39,7 @@ from . import checkpoint
 from .configs import config_of
 from .data import MAX_SCALE  # no image side beyond this (the paper trains and tests at 224-512)
 from .errors import UserError
-from .model import HEADS, INITS
+from .model import HEADS, INITS, WIDTH_EXPECTED, WIDTHS
 from .runtime import PRECISIONS
 
 __all__ = ["TrainConfig", "RunDir", "RECIPES_DIR", "DEFAULT_RECIPE", "REQUIRED", "RESUME_OVERRIDES", "FINETUNE",
@@ -254,7 +254,7 @@ _INF = math.inf
 # field -> (kind, accepts(value), expected); kind: "int", "float", "bool", "str" (None allowed where the default is None)
 _RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "dropout": ("float", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "width": ("float", lambda v: 1 / 64 <= v <= 4, "a number in [1/64, 4] (1: the paper's channel counts)"),
+    "width": ("float", lambda v: WIDTHS[0] <= v <= WIDTHS[1], WIDTH_EXPECTED),
     "features_lr_mult": ("float", lambda v: 0 <= v < _INF, "a finite number >= 0"),
     "image_size": ("int", lambda v: 1 <= v <= MAX_SCALE, f"an integer in [1, {MAX_SCALE}]"),
     "test_scale": ("int", lambda v: 1 <= v <= MAX_SCALE, f"an integer in [1, {MAX_SCALE}]"),
